@@ -1,0 +1,6 @@
+"""mmcore: image, audio and 3D encoders, a cross-modal attention bridge and a mixture-of-experts language core.
+
+The package imports nothing heavy at import time; submodules pull in torch when they are used.
+"""
+
+__version__ = "0.1.0"
