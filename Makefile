@@ -11,8 +11,8 @@ $(VENV): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	@touch $(VENV)
 
-# Debian packages the tests drive (espeak-ng for dictations, chromium for browser tests, postgresql when no
-# server answers). Installed only where missing and apt is available; otherwise those tests skip and say why.
+# Debian packages the tests drive: espeak-ng (dictations), chromium (browser tests), poppler-utils and dcmtk
+# (report exports). Installed only where missing and apt is available; otherwise those tests skip and say why.
 system-deps:
 	@bash tests/support/system-deps.sh
 

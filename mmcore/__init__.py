@@ -4,3 +4,10 @@ The package imports nothing heavy at import time; submodules pull in torch when 
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """A MultimodalModel from a checkpoint directory (config.json, model.safetensors, tokenizer.json, card.json)."""
+    from mmcore.checkpoint import load_model
+
+    return load_model(path, device=device)

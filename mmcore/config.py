@@ -203,6 +203,7 @@ class AudioEncoderConfig(ConfigBase):
     whisper_checkpoint: str | None = None  # openai-whisper .pt file, for source="whisper"
     freeze: bool = True
     pool_stride: int = 4  # average-pool consecutive frames (20 ms each) before the bridge
+    whisper_dims: dict | None = None  # source="whisper": the checkpoint's ModelDimensions, recorded when it is read
 
     def validate(self) -> None:
         _positive(self, "feature_dim", "pool_stride")
