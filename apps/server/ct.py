@@ -1,0 +1,305 @@
+"""CT studies for the API and the UI: upload -> ingest -> measure -> draft (through the model queues) -> store;
+volumes back from the store for the viewer; edits with re-grounding; exports with an optional de-identification."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from apps.server.inference import ModelQueue
+from apps.server.settings import Settings
+from apps.store import (Actor, NewSeries, ReportInfo, Store, StudyInfo, add_study, add_voice_note,
+                        create_draft_report, edit_draft, get_report, get_study, sign_report)
+from mmcore.errors import InputError
+from pipelines.ct.dicom import ArchiveLimits
+
+log = logging.getLogger("mmcore.server")
+REPORT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "ct-report"
+VOLUME_CACHE = 4  # studies whose volumes stay in memory for the viewer
+FORMATS = {  # export name -> (media type, file suffix)
+    "json": ("application/json", ".json"),
+    "pdf": ("application/pdf", ".pdf"),
+    "sr": ("application/dicom", ".dcm"),
+    "fhir": ("application/fhir+json", ".fhir.json"),
+}
+
+
+class CTUploadError(InputError):
+    """An upload that is not a CT series (names the file and what was found)."""
+
+
+class ReportGenerator:
+    """Drafts the narrative. The template writer (pipelines.ct.report) unless a report checkpoint is shipped in
+    data/checkpoints/ct-report/ and a report model can load it; the report's `model` field records which one."""
+
+    def __init__(self, checkpoint: Path | None = None):
+        from pipelines.ct.report import ModelInfo
+
+        self.checkpoint = Path(checkpoint) if checkpoint else REPORT_CHECKPOINT
+        self.model = ModelInfo()  # template
+        self.checkpoint_sha256 = ""
+        weights = self.checkpoint / "model.safetensors"
+        if weights.is_file():
+            # A trained narrative model plugs in through `draft_report(..., model=...)`; until the report recipe
+            # ships a loader, the checkpoint is recorded as present and the template writes the text.
+            log.warning("%s: report checkpoint found but no report model loader is available; using the template "
+                        "writer", self.checkpoint)
+
+    @property
+    def model_id(self) -> str:
+        return self.model.id
+
+    def draft(self, source, voice, transcriber):
+        from pipelines.ct.report import draft_report
+
+        return draft_report(source, voice=voice, transcriber=transcriber, model=self.model)
+
+
+class QueuedTranscriber:
+    """Loads the offline speech model on first use and runs every transcription through the speech queue; keeps
+    the last transcript so the voice note can be stored with it."""
+
+    def __init__(self, queue: ModelQueue, enabled: bool):
+        self.queue, self.enabled = queue, enabled
+        self._model = None
+        self._lock = threading.Lock()
+        self.engine, self.model_id = "faster-whisper", "base"
+
+    def _load(self):
+        from pipelines.speech.engines import load_transcriber
+
+        with self._lock:
+            if self._model is None:
+                self._model = load_transcriber("faster-whisper", device="cpu")
+                self.engine, self.model_id = self._model.engine, self._model.model_id
+            return self._model
+
+    def for_request(self):
+        return None if not self.enabled else _RequestTranscriber(self)
+
+
+class _RequestTranscriber:
+    def __init__(self, owner: QueuedTranscriber):
+        self.owner, self.transcript = owner, None
+
+    def transcribe(self, audio):
+        model = self.owner.queue.run(self.owner._load, stage="load")
+        self.transcript = self.owner.queue.run(lambda: model.transcribe(audio), stage="transcribe")
+        return self.transcript
+
+
+@dataclass
+class UploadedFile:
+    name: str  # the client's file name (for messages only; never used as a path)
+    path: Path
+
+
+class CTService:
+    def __init__(self, store: Store, settings: Settings, ct_queue: ModelQueue, speech_queue: ModelQueue):
+        self.store, self.settings = store, settings
+        self.queue = ct_queue
+        self.generator = ReportGenerator(settings.report_checkpoint)
+        self.transcriber = QueuedTranscriber(speech_queue, settings.load_speech)
+        self.limits = ArchiveLimits(max_total_bytes=min(4 * 1024**3, 8 * settings.max_request_bytes))
+        self._volumes: OrderedDict[int, object] = OrderedDict()
+        self._volume_lock = threading.Lock()
+        self.deid_key = self._deid_key()
+
+    def _deid_key(self) -> bytes:
+        """A per-installation key: de-identified exports of one patient stay linkable across downloads."""
+        path = self.settings.data_dir / "deid.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(secrets.token_bytes(32))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return path.read_bytes()
+
+    # ------------------------------------------------------------------------------------------------ upload
+
+    def scratch(self) -> Path:
+        self.settings.upload_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="ct-", dir=self.settings.upload_dir))
+
+    def _expand(self, files: list[UploadedFile], work: Path) -> list[Path]:
+        from pipelines.ct.dicom import extract_zip
+
+        sources: list[Path] = []
+        for i, f in enumerate(files):
+            if zipfile.is_zipfile(f.path):
+                dest = work / f"zip{i}"
+                dest.mkdir()
+                try:
+                    extract_zip(f.path, dest, self.limits)
+                except InputError as exc:
+                    raise type(exc)(str(exc).replace(str(f.path), f.name)) from exc
+                sources.append(dest)
+            else:
+                sources.append(f.path)
+        return sources
+
+    def upload(self, actor: Actor, files: list[UploadedFile], voice: UploadedFile | None = None, *,
+               client: str | None = None, progress=None) -> tuple[StudyInfo, ReportInfo]:
+        """Ingest, measure and draft first; only a complete draft is written to the store (nothing partial)."""
+        from apps.server.auth import require_role
+
+        require_role(actor, "clinician")
+        if not files:
+            raise CTUploadError("files: expected DICOM files or a zip of them, found none")
+        work = self.scratch()
+        try:
+            step = progress or (lambda fraction, text: None)
+            step(0.05, "unpacking")
+            sources = self._expand(files, work)
+            transcriber = self.transcriber.for_request()
+            step(0.2, "reading the series, measuring and drafting")
+            report, ingested = self.queue.run(
+                lambda: self.generator.draft(sources, voice.path if voice else None, transcriber), stage="draft")
+            step(0.8, "storing")
+            return self._store(actor, report, ingested, voice, transcriber, client)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _store(self, actor, report, ingested, voice, transcriber, client) -> tuple[StudyInfo, ReportInfo]:
+        from pipelines.ct.deid import Deidentifier
+
+        plan = ingested.scan.picked
+        meta = ingested.volume.metadata
+        paths = list(dict.fromkeys(i.path for i in plan.instances))
+        blobs = [self.store.put_blob(Path(p)) for p in paths]
+        study_uid = meta.study_uid or plan.instances[0].study_uid
+        pseudonym = Deidentifier(key=self.deid_key).pseudonym(meta.patient_id) if meta.patient_id else None
+        study_date = meta.study_date if len(meta.study_date or "") == 8 and meta.study_date.isdigit() else None
+        study = add_study(self.store, actor, study_uid,
+                          [NewSeries(plan.series_uid, slice_count=len(plan.instances), blobs=blobs,
+                                     description=(meta.series_description or "")[:255])],
+                          description=(meta.study_description or "")[:255], patient_pseudonym=pseudonym,
+                          study_date=study_date, client=client)
+        if voice is not None:
+            sha = self.store.put_blob(voice.path)
+            t = getattr(transcriber, "transcript", None)
+            add_voice_note(self.store, actor, study.id, sha,
+                           t.to_dict() if t is not None else {"text": "", "note": "not transcribed"},
+                           t.engine if t else self.transcriber.engine, t.model if t else self.transcriber.model_id,
+                           language=t.language if t else None, duration_s=t.duration_s if t else None, client=client)
+        content = report.model_dump(mode="json")
+        info = create_draft_report(self.store, actor, study.id, content, model_id=self.generator.model_id,
+                                   checkpoint_sha256=self.generator.checkpoint_sha256 or None, client=client)
+        with self._volume_lock:
+            self._volumes[study.id] = ingested
+            while len(self._volumes) > VOLUME_CACHE:
+                self._volumes.popitem(last=False)
+        return study, info
+
+    # ------------------------------------------------------------------------------------------------ reading
+
+    def ingested(self, actor: Actor, study_id: int, *, client: str | None = None):
+        """The study's series as an IngestResult (volume + headers), from memory or re-read from the store."""
+        from pipelines.ct.dicom import ingest
+
+        study = get_study(self.store, actor, study_id, client=client)  # permission check and audit
+        with self._volume_lock:
+            if study.id in self._volumes:
+                self._volumes.move_to_end(study.id)
+                return self._volumes[study.id]
+        paths = [self.store.blob_path(sha) for s in study.series for sha in s.blobs]
+        result = self.queue.run(lambda: ingest(paths), stage="ingest")
+        with self._volume_lock:
+            self._volumes[study.id] = result
+            while len(self._volumes) > VOLUME_CACHE:
+                self._volumes.popitem(last=False)
+        return result
+
+    def report(self, actor: Actor, report_id: int, *, client: str | None = None):
+        """(ReportInfo, CTReport) with the store's status and signature applied to the report content."""
+        from pipelines.ct.report import CTReport
+
+        info = get_report(self.store, actor, report_id, client=client)
+        report = CTReport.model_validate(info.content)
+        if info.status == "final" and report.status == "draft" and info.signer:
+            report.sign(info.signer, when=info.signed_at)  # the store holds the signature; the exports show it
+        return info, report
+
+    # ------------------------------------------------------------------------------------------------ changing
+
+    def edit(self, actor: Actor, report_id: int, *, findings: dict | None = None, impression: str | None = None,
+             recommendation: str | None = None, measurements: dict[str, dict] | None = None,
+             client: str | None = None) -> ReportInfo:
+        """Apply a clinician's edits, mark edited measurements, ground again, and save the draft."""
+        from pipelines.ct.grounding import apply_grounding
+        from pipelines.ct.report import DEFAULT_CRITICAL_RULES, Findings, ReportError, critical_results
+
+        info, report = self.report(actor, report_id, client=client)
+        if info.status != "draft":
+            from apps.store import InvalidTransition
+
+            raise InvalidTransition(f"report {report_id} is {info.status}; only a draft can be edited")
+        if findings is not None:
+            if not isinstance(findings, dict):
+                raise ReportError("findings: expected an object of section -> text")
+            try:
+                report.findings = Findings.model_validate({**report.findings.model_dump(), **findings})
+            except Exception as exc:  # pydantic ValidationError: name the field
+                raise ReportError(f"findings: {exc.errors()[0]['loc'][0] if hasattr(exc, 'errors') else ''} "
+                                  f"is not a report section or not text") from exc
+        if impression is not None:
+            report.impression = str(impression)
+        if recommendation is not None:
+            report.recommendation = str(recommendation)
+        for mid, values in (measurements or {}).items():
+            if not isinstance(values, dict):
+                raise ReportError(f"measurements.{mid}: expected an object of field -> value")
+            current = report.measurement(mid)
+            changed = {k: v for k, v in values.items() if getattr(current, k, object()) != v}
+            if changed:
+                try:
+                    report.edit_measurement(mid, **changed)
+                except ValueError as exc:
+                    raise ReportError(f"measurements.{mid}: {exc}") from exc
+        # Edited sizes can cross a critical threshold (e.g. a nodule corrected to >= 30 mm): rules run again too.
+        report.critical = critical_results(report.measurements, DEFAULT_CRITICAL_RULES)
+        apply_grounding(report)
+        return edit_draft(self.store, actor, report_id, report.model_dump(mode="json"), client=client)
+
+    def sign(self, actor: Actor, report_id: int, *, client: str | None = None) -> ReportInfo:
+        return sign_report(self.store, actor, report_id, client=client)
+
+    # ------------------------------------------------------------------------------------------------ exports
+
+    def export(self, actor: Actor, report_id: int, fmt: str, *, deidentify: bool = False,
+               client: str | None = None) -> tuple[bytes, str, str]:
+        """(bytes, media type, file name) of the report as json / pdf / sr / fhir."""
+        from pipelines.ct import exports
+        from pipelines.ct.deid import Deidentifier
+
+        if fmt not in FORMATS:
+            raise InputError(f"format: expected one of {', '.join(FORMATS)}, found {fmt!r}")
+        info, report = self.report(actor, report_id, client=client)
+        deid = Deidentifier(key=self.deid_key) if deidentify else None
+        media, suffix = FORMATS[fmt]
+        name = f"report-{report_id}-v{info.version}{'-deid' if deidentify else ''}{suffix}"
+        if fmt == "json":
+            shown = exports._prepare(report, deid)
+            return shown.to_json().encode(), media, name
+        ingested = self.ingested(actor, info.study_id, client=client)
+        header = ingested.scan.picked.instances[0].header
+        with tempfile.TemporaryDirectory(dir=self.settings.upload_dir) as tmp:
+            out = Path(tmp) / name
+            if fmt == "pdf":
+                data = exports.render_pdf(report, volume=ingested.volume, deidentifier=deid, header=header)
+                return data, media, name
+            if fmt == "sr":
+                evidence = [i.header for i in ingested.scan.picked.instances]
+                exports.write_sr(report, out, evidence, deidentifier=deid)
+            else:
+                exports.write_fhir(report, out, deidentifier=deid, header=header)
+            return out.read_bytes(), media, name
+
