@@ -386,10 +386,12 @@ def _has_pixel_tag(path: Path, ds) -> bool:
 
 
 def scan_headers(files: list[Path], workers: int | None = None) -> tuple[list[Instance], list[SkippedFile]]:
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    # Header parsing is pure Python and holds the GIL: on local disk one thread is fastest (128 headers: 0.11 s with
+    # one thread, 0.21-0.28 s with four, 2 cores). More workers only pay off on high-latency storage (network mounts).
+    workers = workers or 1
     instances: list[Instance] = []
     skipped: list[SkippedFile] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # headers are small reads; threads overlap the I/O
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(read_header, files, chunksize=16):
             if isinstance(result, SkippedFile):
                 skipped.append(result)
