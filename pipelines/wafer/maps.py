@@ -116,7 +116,14 @@ def check_grid(grid, where: str) -> np.ndarray:
 def read_npy(path: str | Path, data: bytes | None = None, wafer_id: str | None = None) -> WaferMap:
     where = str(path)
     try:
-        arr = np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False)
+        raw = data if data is not None else Path(path).read_bytes()
+    except OSError as exc:
+        raise WaferFormatError(f"{where}: cannot read ({exc})") from exc
+    # np.load treats anything without the NPY magic as a pickle; say what the file really lacks instead.
+    if not raw.startswith(b"\x93NUMPY"):
+        raise WaferFormatError(f"{where}: not a .npy file (expected the \\x93NUMPY header, found {raw[:8]!r})")
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise WaferFormatError(f"{where}: not a readable .npy array ({exc})") from exc
     return WaferMap(grid=check_grid(arr, where), wafer_id=wafer_id or Path(path).stem, source=where)

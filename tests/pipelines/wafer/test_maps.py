@@ -40,7 +40,17 @@ def test_npy_rejects_bad_grids_naming_the_file(tmp_path, bad, message):
 def test_npy_garbage_is_a_format_error(tmp_path):
     path = tmp_path / "junk.npy"
     path.write_bytes(b"not numpy at all")
-    with pytest.raises(WaferFormatError, match="junk.npy: not a readable .npy"):
+    with pytest.raises(WaferFormatError, match=r"junk.npy: not a .npy file \(expected the \\x93NUMPY header, "
+                                               r"found b'not nump'\)"):
+        read_npy(path)
+
+
+def test_npy_truncated_after_header_is_a_format_error(tmp_path, grid):
+    whole = tmp_path / "whole.npy"
+    np.save(whole, grid)
+    path = tmp_path / "cut.npy"
+    path.write_bytes(whole.read_bytes()[:-10])
+    with pytest.raises(WaferFormatError, match="cut.npy: not a readable .npy array"):
         read_npy(path)
 
 
