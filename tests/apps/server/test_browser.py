@@ -2,11 +2,13 @@
 series with a spoken note, generate, edit, sign, download the PDF; score a zip of wafer maps; a second user
 cannot open the first user's files; the page fetches nothing from outside the server.
 
-Screenshots of each step go to the test's output folder; the key ones are copied to docs/screenshots/.
+Screenshots of each step go to the test's output folder; with MMCORE_UPDATE_SCREENSHOTS=1 the key ones are also
+copied to docs/screenshots/ (the README's pictures), so an ordinary test run leaves the checkout untouched.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,7 +52,7 @@ class Shots:
     def __call__(self, page, name: str) -> Path:
         path = self.folder / f"{name}.png"
         page.screenshot(path=str(path), full_page=True)
-        if name in KEY_SHOTS:
+        if name in KEY_SHOTS and os.environ.get("MMCORE_UPDATE_SCREENSHOTS") == "1":
             DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, DOCS_SHOTS / path.name)
         return path
