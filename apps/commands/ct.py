@@ -1,4 +1,4 @@
-"""`mmcore ct phantom | info | measure` and `mmcore eval ct-measure`.
+"""`mmcore ct phantom | info | measure | report` and `mmcore eval ct-measure | ct-report`.
 
 Only the standard library is imported here; numpy / pydicom / scipy load inside the handlers so `mmcore --help` and
 `mmcore ct info` start fast.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from apps.commands import add_device_argument
 
 
 def register(subparsers) -> None:
@@ -40,6 +42,26 @@ def register(subparsers) -> None:
     me.add_argument("--png", default=None, metavar="DIR", help="also write one PNG per finding (lung window, box)")
     me.set_defaults(handler=cmd_measure)
 
+    rp = ct.add_parser("report", help="draft a structured report: ingest, measure, report model, grounding, exports")
+    rp.add_argument("input", metavar="INPUT", nargs="+", help="folder, DICOM file(s) or zip")
+    rp.add_argument("--voice", default=None, metavar="AUDIO",
+                    help="voice note (wav, mp3, ogg/opus, webm, m4a, flac): transcript and audio tokens")
+    rp.add_argument("--series", default=None, metavar="UID", help="pick this SeriesInstanceUID")
+    writer = rp.add_mutually_exclusive_group()
+    writer.add_argument("--model", default=None, metavar="CKPT",
+                        help="report checkpoint folder (default: data/checkpoints/ct-report)")
+    writer.add_argument("--template", action="store_true",
+                        help="draft with the deterministic template writer instead of the report model")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    rp.add_argument("--pdf", default=None, metavar="PATH", help="also write the PDF")
+    rp.add_argument("--sr", default=None, metavar="PATH", help="also write a DICOM SR (TID 1500)")
+    rp.add_argument("--fhir", default=None, metavar="PATH", help="also write a FHIR R4B DiagnosticReport")
+    rp.add_argument("--out", default=None, metavar="PATH", help="also write the report JSON to this file")
+    rp.add_argument("--deidentify", action="store_true",
+                    help="apply the DICOM PS3.15 basic profile to the printed report and every export")
+    add_device_argument(rp)
+    rp.set_defaults(handler=cmd_report)
+
 
 def register_eval(subparsers) -> None:
     ev = subparsers.add_parser("ct-measure", help="measurement accuracy on held-out synthetic phantoms")
@@ -49,6 +71,16 @@ def register_eval(subparsers) -> None:
     ev.add_argument("--thickness", type=float, default=2.5, help="slice thickness in mm (default 2.5)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=cmd_eval)
+
+    er = subparsers.add_parser("ct-report", help="report model on held-out phantoms: finding F1, ablations, BLEU")
+    er.add_argument("checkpoint", metavar="CKPT", help="report checkpoint folder (e.g. data/checkpoints/ct-report)")
+    er.add_argument("--n", type=int, default=100, help="number of phantoms (default 100)")
+    er.add_argument("--size", type=int, default=256, help="in-plane matrix (default 256)")
+    er.add_argument("--slices", type=int, default=96, help="slices per phantom (default 96)")
+    er.add_argument("--thickness", type=float, default=2.5, help="slice thickness in mm (default 2.5)")
+    er.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_argument(er)
+    er.set_defaults(handler=cmd_eval_report)
 
 
 def _source(inputs: list[str]):
@@ -150,4 +182,98 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.n, args.size, args.slices, args.thickness, progress=progress)
     report_metrics(metrics, args.json, f"ct-measure on {metrics['n_phantoms']} held-out phantoms ({metrics['phantom']})")
+    return 0
+
+
+def load_writer(checkpoint: str | None, template: bool, device: str):
+    """The report model to draft with, or None for the template writer (forced, or no checkpoint shipped)."""
+    from pipelines.ct.report_model import DEFAULT_CHECKPOINT, ReportModel
+
+    if template:
+        return None
+    if checkpoint is None:
+        if not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+            print(f"note: no report model at {DEFAULT_CHECKPOINT}; drafting with the template writer",
+                  file=sys.stderr)
+            return None
+        checkpoint = DEFAULT_CHECKPOINT
+    return ReportModel.load(checkpoint, device=device)
+
+
+def load_speech(device: str):
+    """The offline speech model, or None (the report then carries a voice_note flag saying so)."""
+    from pipelines.speech.engines import load_transcriber
+    from pipelines.speech.errors import SpeechError
+
+    try:
+        return load_transcriber("faster-whisper", device=device)
+    except SpeechError as exc:
+        print(f"note: voice note not transcribed: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from apps.commands import print_json
+    from pipelines.ct import exports
+    from pipelines.ct.report import draft_report
+
+    if args.voice is not None and not Path(args.voice).is_file():
+        from mmcore.errors import InputError
+
+        raise InputError(f"--voice: {args.voice}: no such file")
+    writer = load_writer(args.model, args.template, args.device)
+    transcriber = load_speech(args.device) if args.voice else None
+    report, ingested = draft_report(_source(args.input), series_uid=args.series, voice=args.voice,
+                                    transcriber=transcriber, writer=writer)
+    deidentifier = None
+    evidence = [i.header for i in ingested.scan.picked.instances]
+    if args.deidentify:
+        from pipelines.ct.deid import Deidentifier
+
+        deidentifier = Deidentifier()
+        report = deidentifier.deidentify_report(report, evidence[0] if evidence else None)
+    written = exports.export_all(report, json_path=args.out, pdf_path=args.pdf, sr_path=args.sr,
+                                 fhir_path=args.fhir, volume=ingested.volume, evidence=evidence,
+                                 deidentifier=deidentifier)
+    if args.json:
+        print_json(report.model_dump(mode="json"))
+    else:
+        print(report_summary(report))
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}", file=sys.stderr)
+    return 0
+
+
+def report_summary(report) -> str:
+    """The draft as a clinician reads it: critical results first, then flags, findings and impression."""
+    lines = [f"CT report ({report.status}, {report.model.id}) for {report.patient.name or report.patient.id or '?'}"]
+    lines += [f"CRITICAL: {c.message}" for c in report.critical]
+    lines += [f"check: [{f.kind}] {f.message}" for f in report.flags]
+    if report.indication.text:
+        lines.append(f"Indication: {report.indication.text}")
+    lines.append(report.findings.text())
+    lines.append(f"Impression: {report.impression}")
+    if report.recommendation:
+        lines.append(f"Recommendation: {report.recommendation}")
+    for m in report.measurements:
+        lines.append(f"  {m.label()}")
+    return "\n".join(lines)
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from apps.commands.eval import report_metrics
+    from mmcore.errors import InputError
+    from pipelines.ct.report_eval import evaluate
+
+    if args.n < 1:
+        raise InputError(f"--n: expected at least 1 phantom, found {args.n}")
+
+    def progress(i, n, seed, seconds):
+        print(f"phantom {i}/{n} (seed {seed}) {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    metrics = evaluate(args.checkpoint, args.n, args.size, args.slices, args.thickness, device=args.device,
+                       progress=progress)
+    report_metrics(metrics, args.json, f"ct-report on {metrics['n_phantoms']} held-out phantoms ({metrics['phantom']})")
     return 0

@@ -19,9 +19,10 @@ from apps.store import (Actor, NewSeries, ReportInfo, Store, StudyInfo, add_stud
                         create_draft_report, edit_draft, get_report, get_study, sign_report)
 from mmcore.errors import InputError
 from pipelines.ct.dicom import ArchiveLimits
+from pipelines.ct.report_model import DEFAULT_CHECKPOINT
 
 log = logging.getLogger("mmcore.server")
-REPORT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "ct-report"
+REPORT_CHECKPOINT = DEFAULT_CHECKPOINT
 VOLUME_CACHE = 4  # studies whose volumes stay in memory for the viewer
 FORMATS = {  # export name -> (media type, file suffix)
     "json": ("application/json", ".json"),
@@ -36,30 +37,35 @@ class CTUploadError(InputError):
 
 
 class ReportGenerator:
-    """Drafts the narrative. The template writer (pipelines.ct.report) unless a report checkpoint is shipped in
-    data/checkpoints/ct-report/ and a report model can load it; the report's `model` field records which one."""
+    """Drafts the narrative: the report model from `settings.report_checkpoint` (default data/checkpoints/ct-report/)
+    when it loads, else the template writer (pipelines.ct.report); the report's `model` field records which one.
+    The model is loaded once at start-up and shared by every request (the CT queue bounds concurrency)."""
 
     def __init__(self, checkpoint: Path | None = None):
-        from pipelines.ct.report import ModelInfo
+        from pipelines.ct.report_model import ReportModel, ReportModelError
 
         self.checkpoint = Path(checkpoint) if checkpoint else REPORT_CHECKPOINT
-        self.model = ModelInfo()  # template
-        self.checkpoint_sha256 = ""
-        weights = self.checkpoint / "model.safetensors"
-        if weights.is_file():
-            # A trained narrative model plugs in through `draft_report(..., model=...)`; until the report recipe
-            # ships a loader, the checkpoint is recorded as present and the template writes the text.
-            log.warning("%s: report checkpoint found but no report model loader is available; using the template "
-                        "writer", self.checkpoint)
+        self.writer = None
+        if (self.checkpoint / "model.safetensors").is_file():
+            try:
+                self.writer = ReportModel.load(self.checkpoint, device="cpu")
+            except ReportModelError as exc:  # the application still drafts reports; the log says why not with it
+                log.warning("report model not loaded, drafting with the template writer: %s", exc)
+        else:
+            log.warning("%s: no report checkpoint; drafting with the template writer", self.checkpoint)
 
     @property
     def model_id(self) -> str:
-        return self.model.id
+        return self.writer.model_id if self.writer is not None else "template"
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.writer.sha256 if self.writer is not None else ""
 
     def draft(self, source, voice, transcriber):
         from pipelines.ct.report import draft_report
 
-        return draft_report(source, voice=voice, transcriber=transcriber, model=self.model)
+        return draft_report(source, voice=voice, transcriber=transcriber, writer=self.writer)
 
 
 class QueuedTranscriber:

@@ -46,6 +46,14 @@ CONSOLIDATION = ["Consolidation in the {lobe} with air bronchograms (about {v:.0
                  "Focal consolidation involving the {lobe} ({v:.0f} mL)."]
 CARDIOMEGALY = ["The heart is enlarged (cardiothoracic ratio {ctr:.2f}).", "Cardiomegaly, cardiothoracic ratio {ctr:.2f}.",
                 "Enlarged cardiac silhouette (CTR {ctr:.2f})."]
+# Wording for a finding seen on the images but not measured (a finding dict with "unmeasured": True): no numbers,
+# since nothing measured them. The report model learns these for what its volume encoder sees at large scale.
+EFFUSION_SEEN = ["{Side} pleural effusion.", "There is a {side} pleural effusion.", "Layering {side} pleural effusion."]
+PERICARDIAL_SEEN = ["Pericardial effusion.", "There is a pericardial effusion."]
+EMPHYSEMA_SEEN = ["{Pred} emphysema.", "Emphysematous changes, {pred}."]
+CONSOLIDATION_SEEN = ["Consolidation in the {lobe}.", "Airspace consolidation in the {lobe}.",
+                      "Focal consolidation involving the {lobe}."]
+CARDIOMEGALY_SEEN = ["The heart is enlarged.", "Cardiomegaly.", "Enlarged cardiac silhouette."]
 
 
 def _size_word(volume_ml: float, small: float, large: float) -> str:
@@ -100,13 +108,18 @@ def reference_report(findings: list[dict], meta, cfg, rng) -> dict:
     for f in by_type.get("calcified_granuloma", []):
         lung_lines.append(pick(GRANULOMA).format(lobe=LOBE_NAMES.get(f["lobe"], "lung"), d=f["diameter_mm"]))
     for f in by_type.get("consolidation", []):
-        lobe = LOBE_NAMES.get(f["lobe"], "lung")
-        lung_lines.append(pick(CONSOLIDATION).format(lobe=lobe, v=f["volume_ml"]))
+        lobe = LOBE_NAMES.get(f.get("lobe"), "lung")
+        lung_lines.append(pick(CONSOLIDATION_SEEN).format(lobe=lobe) if f.get("unmeasured") else
+                          pick(CONSOLIDATION).format(lobe=lobe, v=f["volume_ml"]))
         impression.append(f"Consolidation in the {lobe}, compatible with pneumonia in the appropriate clinical setting.")
     for f in by_type.get("emphysema", []):
+        pred = "upper-lobe predominant" if f.get("predominance") == "upper lobe" else "diffuse"
+        if f.get("unmeasured"):
+            lung_lines.append(pick(EMPHYSEMA_SEEN).format(Pred=pred.capitalize(), pred=pred))
+            impression.append("Emphysema.")
+            continue
         laa = f["laa950_percent"]
         sev = "mild" if laa < 10 else "moderate" if laa < 25 else "severe"
-        pred = "upper-lobe predominant" if f.get("predominance") == "upper lobe" else "diffuse"
         lung_lines.append(pick(EMPHYSEMA).format(Sev=sev.capitalize(), sev=sev, pred=pred, laa=laa))
         impression.append(f"{sev.capitalize()} emphysema (LAA-950 {laa:.0f}%).")
     if not lung_lines:
@@ -115,6 +128,10 @@ def reference_report(findings: list[dict], meta, cfg, rng) -> dict:
         lung_lines.append(pick(NO_NODULE))
 
     for f in by_type.get("pleural_effusion", []):
+        if f.get("unmeasured"):
+            pleura_lines.append(pick(EFFUSION_SEEN).format(Side=f["side"].capitalize(), side=f["side"]))
+            impression.append(f"{f['side'].capitalize()} pleural effusion.")
+            continue
         size = _size_word(f["volume_ml"], 300, 1000)
         pleura_lines.append(pick(EFFUSION).format(Size=size.capitalize(), size=size, side=f["side"], v=f["volume_ml"]))
         impression.append(f"{size.capitalize()} {f['side']} pleural effusion (about {f['volume_ml']:.0f} mL).")
@@ -123,9 +140,14 @@ def reference_report(findings: list[dict], meta, cfg, rng) -> dict:
     cardio = by_type.get("cardiomegaly", [])
     peri = by_type.get("pericardial_effusion", [])
     for f in cardio:
-        heart_lines.append(pick(CARDIOMEGALY).format(ctr=f["cardiothoracic_ratio"]))
+        heart_lines.append(pick(CARDIOMEGALY_SEEN) if f.get("unmeasured") else
+                           pick(CARDIOMEGALY).format(ctr=f["cardiothoracic_ratio"]))
         impression.append("Cardiomegaly.")
     for f in peri:
+        if f.get("unmeasured"):
+            heart_lines.append(pick(PERICARDIAL_SEEN))
+            impression.append("Pericardial effusion.")
+            continue
         size = _size_word(f["volume_ml"], 100, 500)
         heart_lines.append(pick(PERICARDIAL).format(Size=size.capitalize(), size=size, v=f["volume_ml"]))
         impression.append(f"{size.capitalize()} pericardial effusion.")

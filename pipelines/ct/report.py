@@ -610,8 +610,11 @@ def indication_from_transcript(transcript: str | None) -> tuple[Indication, str]
             " ".join(comparison) if comparison else "None.")
 
 
-def transcribe_voice_note(path, transcriber=None) -> tuple[str | None, list[Flag]]:
-    """Decode and transcribe a voice note; a note that cannot be used gives a warning flag, never an exception."""
+def transcribe_voice_note(path, transcriber=None, features: bool = False):
+    """Decode and transcribe a voice note; a note that cannot be used gives a warning flag, never an exception.
+
+    Returns (transcript text or None, flags, Whisper encoder features (T, d_model) or None); features are computed
+    only when asked and the transcriber can encode (they become the report model's audio tokens)."""
     from pipelines.speech.audio import decode_audio
     from pipelines.speech.errors import SpeechError
 
@@ -620,18 +623,19 @@ def transcribe_voice_note(path, transcriber=None) -> tuple[str | None, list[Flag
         audio = decode_audio(path)
     except SpeechError as exc:
         return None, [Flag(kind="voice_note", message=f"Voice note not used: {exc}. The indication is empty; "
-                                                      "dictate again or type it.")]
+                                                      "dictate again or type it.")], None
     if transcriber is None:
         return None, [Flag(kind="voice_note", message=f"Voice note {name} ({audio.duration_s:.1f} s) not transcribed: "
-                                                      "no speech model is loaded. Type the indication.")]
+                                                      "no speech model is loaded. Type the indication.")], None
     try:
         transcript = transcriber.transcribe(audio)
+        encoded = transcriber.encode(audio) if features and hasattr(transcriber, "encode") else None
     except SpeechError as exc:
-        return None, [Flag(kind="voice_note", message=f"Voice note not transcribed: {exc}.")]
+        return None, [Flag(kind="voice_note", message=f"Voice note not transcribed: {exc}.")], None
     if not transcript.text.strip():
         return None, [Flag(kind="voice_note", message=f"Voice note {name}: no speech recognised in "
-                                                      f"{audio.duration_s:.1f} s of audio. Type the indication.")]
-    return transcript.text, []
+                                                      f"{audio.duration_s:.1f} s of audio. Type the indication.")], None
+    return transcript.text, [], encoded
 
 
 # ----------------------------------------------------------------------------------------------------------- assembly
@@ -659,7 +663,10 @@ def build_report(findings=None, *, metadata=None, header=None, lung_volume_ml: f
                                                    "the chest series."))
     drafted, impression, recommendation = write_narrative(measurements, lungs_in_view, measured)
     if narrative is not None:
+        lungs_statement = drafted.lungs_airways
         drafted, impression = narrative
+        if not lungs_in_view:  # whatever a writer says about lungs that are not in the images is not a finding
+            drafted = drafted.model_copy(update={"lungs_airways": lungs_statement})
     report = CTReport(patient=patient, study=study, indication=indication, comparison=comparison,
                       technique=technique_from(metadata, header, scan_length_mm), findings=drafted,
                       measurements=measurements, impression=impression, recommendation=recommendation,
@@ -674,36 +681,92 @@ def build_report(findings=None, *, metadata=None, header=None, lung_volume_ml: f
 
 
 def draft_report(source, *, series_uid: str | None = None, voice=None, transcriber=None,
-                 model: ModelInfo | None = None, critical_rules: list[CriticalRule] | None = None):
-    """DICOM folder/zip (+ optional voice note) -> (CTReport, IngestResult): ingest, measure, template, grounding.
+                 model: ModelInfo | None = None, writer=None, critical_rules: list[CriticalRule] | None = None,
+                 stages: dict | None = None):
+    """DICOM folder/zip (+ optional voice note) -> (CTReport, IngestResult): ingest, measure, narrative, grounding.
 
-    Input errors in the series raise (there is nothing to report on); a failed measurement or voice note gives a
-    report with a warning flag instead.
+    `writer` (a `pipelines.ct.report_model.ReportModel`) writes the narrative from the volume, the measurements and
+    the voice note; without one (or if it fails) the template writer does, and a model failure is flagged. The voice
+    note is transcribed on a second thread while the series is ingested and measured. Input errors in the series
+    raise (there is nothing to report on); a failed measurement or voice note gives a report with a warning flag.
+    `stages`, when given, receives the seconds spent per stage (ingest, measure, voice, encode, generate, ground).
     """
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipelines.ct.dicom import ingest
     from pipelines.ct.measure import measure
 
-    result = ingest(source, series_uid=series_uid)
-    volume = result.volume
-    warnings = [Flag(kind="ingest", message=w) for w in result.warnings]
-    transcript = None
-    if voice is not None:
-        transcript, voice_flags = transcribe_voice_note(voice, transcriber)
-        warnings += voice_flags
-    try:
-        measured = measure(volume)
-        findings, lung_ml, ok = measured.findings, sum(measured.lung_volume_ml.values()), True
-    except Exception as exc:  # a measurement failure must not cost the clinician the whole draft
-        warnings.append(Flag(kind="measurement", message=f"Automated measurement failed ({type(exc).__name__}: {exc}); "
-                                                         "the report has no measurements."))
-        findings, lung_ml, ok = [], None, False
+    stages = {} if stages is None else stages
+    started = time.perf_counter()
+
+    def timed(name, fn, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        voice_job = (pool.submit(timed, "voice", transcribe_voice_note, voice, transcriber, writer is not None)
+                     if voice is not None else None)
+        result = timed("ingest", ingest, source, series_uid=series_uid)
+        volume = result.volume
+        warnings = [Flag(kind="ingest", message=w) for w in result.warnings]
+        try:
+            measured = timed("measure", measure, volume)
+            findings, lung_ml, ok = measured.findings, sum(measured.lung_volume_ml.values()), True
+        except Exception as exc:  # a measurement failure must not cost the clinician the whole draft
+            warnings.append(Flag(kind="measurement", message=f"Automated measurement failed ({type(exc).__name__}: "
+                                                             f"{exc}); the report has no measurements."))
+            findings, lung_ml, ok = [], None, False
+        transcript, features = None, None
+        if voice_job is not None:
+            transcript, voice_flags, features = voice_job.result()
+            warnings += voice_flags
     instances = result.scan.picked.instances
     header = instances[0].header if instances else None
     refs = [(str(getattr(i.header, "SOPClassUID", "")), str(getattr(i.header, "SOPInstanceUID", "")))
             for i in instances] if not result.scan.picked.needs_resampling else None
     length = volume.shape[0] * volume.spacing_zyx[0]
-    report = build_report(findings, metadata=volume.metadata, header=header, lung_volume_ml=lung_ml,
-                          spacing_zyx=volume.spacing_zyx, scan_length_mm=length, slice_refs=refs,
-                          transcript=transcript, warnings=warnings, model=model, measured=ok,
-                          critical_rules=critical_rules)
+    narrative = None
+    if writer is not None:
+        narrative, model, model_flags = _model_narrative(writer, volume, findings if ok else None, transcript,
+                                                         features, stages, timed)
+        warnings += model_flags
+    report = timed("ground", build_report, findings, metadata=volume.metadata, header=header, lung_volume_ml=lung_ml,
+                   spacing_zyx=volume.spacing_zyx, scan_length_mm=length, slice_refs=refs, transcript=transcript,
+                   warnings=warnings, model=model, measured=ok, critical_rules=critical_rules, narrative=narrative)
+    stages["total"] = round(time.perf_counter() - started, 4)
     return report, result
+
+
+def _model_narrative(writer, volume, findings, transcript, features, stages, timed):
+    """(narrative or None, ModelInfo, flags): the report model's Findings and Impression. Sections the model left
+    out are taken from the template writer and flagged; a model error falls back to the template, flagged."""
+    from pipelines.ct.report_model import measurement_dicts, volume_grid
+
+    info = writer.info()
+    try:
+        grid = timed("encode", volume_grid, volume.hu)
+        rows = measurement_dicts(measurements_from_findings(findings, volume.spacing_zyx)) if findings is not None \
+            else None
+        draft = timed("generate", writer.write_one, grid, rows, transcript, features)
+    except Exception as exc:  # the clinician still gets a draft; the flag says which writer produced it
+        return None, ModelInfo(), [Flag(kind="model", message=f"Report model {info.id} failed ({type(exc).__name__}: "
+                                                              f"{exc}); the template writer drafted this report.")]
+    flags = []
+    drafted = draft.findings
+    if draft.missing_sections:
+        template, impression, _ = write_narrative(measurements_from_findings(findings or [], volume.spacing_zyx),
+                                                  measured=findings is not None)
+        for key in draft.missing_sections:
+            field = "impression" if key == "impression" else {"lungs": "lungs_airways", "pleura": "pleura",
+                                                                "heart": "heart_pericardium"}[key]
+            if field == "impression":
+                draft.impression = impression
+            else:
+                setattr(drafted, field, getattr(template, field))
+        flags.append(Flag(kind="model", message=f"The report model left out {', '.join(draft.missing_sections)}; "
+                                                "the template writer filled them from the measurements."))
+    return (drafted, draft.impression), info, flags

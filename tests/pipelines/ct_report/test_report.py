@@ -138,7 +138,7 @@ def test_bad_measurements_are_refused_with_the_field_named():
 def test_unreadable_voice_note_gives_a_warning_not_a_crash(tmp_path):
     note = tmp_path / "note.wav"
     note.write_bytes(b"RIFF\x00\x00garbage" * 40)
-    transcript, flags = transcribe_voice_note(note)
+    transcript, flags, _ = transcribe_voice_note(note)
     assert transcript is None and [f.kind for f in flags] == ["voice_note"]
     assert "note.wav" in flags[0].message and "not used" in flags[0].message
     empty = tmp_path / "empty.m4a"
