@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from apps.server.auth import bearer_actor, client_address
+from apps.server.auth import bearer_actor, client_address, require_new_password
 from apps.server.errors import ApiError
-from apps.store import Actor, list_lots, list_reports, list_studies, list_voice_notes
+from apps.store import (AccountLocked, Actor, AuthenticationError, change_password, list_lots, list_reports,
+                        list_studies, list_voice_notes)
 
 router = APIRouter()
 MAX_FORM_FILES = 5000  # DICOM slices sent as separate multipart parts
@@ -33,14 +34,20 @@ ERROR_SCHEMA = {"application/json": {"schema": {"type": "object", "properties": 
 ERRORS = {s: {"description": d, "content": ERROR_SCHEMA} for s, d in
           [(400, "bad input"), (401, "missing or refused token"), (403, "role or ownership refuses it"),
            (404, "not found"), (409, "state conflict"), (413, "request too large")]}
+REPORT_EDITS = ("findings", "impression", "recommendation", "measurements")
 
 
 def ctx_of(request: Request):
     return request.app.state.ctx
 
 
-def current_actor(request: Request) -> Actor:
+def token_actor(request: Request) -> Actor:
+    """The token's user, even one that still has to change its one-time password (only /me routes use this)."""
     return bearer_actor(ctx_of(request).store, request)
+
+
+def current_actor(request: Request) -> Actor:
+    return require_new_password(ctx_of(request).store, token_actor(request), request)
 
 
 def plain(obj):
@@ -63,8 +70,35 @@ def metrics(request: Request):
 
 
 @router.get("/api/v1/me", tags=["accounts"], responses=ERRORS)
-def me(actor: Actor = Depends(current_actor)):
-    return {"username": actor.username, "role": actor.role, "site": actor.site}
+def me(actor: Actor = Depends(token_actor)):
+    return {"username": actor.username, "role": actor.role, "site": actor.site,
+            "must_change_password": actor.must_change_password}
+
+
+PASSWORD_EXAMPLE = {"current_password": "the one printed at first start", "new_password": "a long new passphrase"}
+
+
+@router.post("/api/v1/me/password", tags=["accounts"], responses={**ERRORS, 423: {
+    "description": "locked after repeated wrong passwords", "content": ERROR_SCHEMA}})
+def new_password(request: Request, body: dict = Body(..., examples=[PASSWORD_EXAMPLE]),
+                 actor: Actor = Depends(token_actor)):
+    """Change your password (`current_password`, `new_password`); the first-start admin must do this before any
+    other call. Wrong current passwords count toward the log-in lockout. Tokens and sessions stay valid."""
+    unknown = sorted(set(body) - {"current_password", "new_password"})
+    if unknown:
+        raise ApiError(400, "bad_input", f"body: unknown fields {unknown}; expected current_password, new_password")
+    for key in ("current_password", "new_password"):
+        if not isinstance(body.get(key), str):
+            raise ApiError(400, "bad_input", f"{key}: expected text, found "
+                                             f"{'nothing' if key not in body else type(body[key]).__name__}")
+    try:
+        changed = change_password(ctx_of(request).store, actor, body["current_password"], body["new_password"],
+                                  client=client_address(request))
+    except AccountLocked:
+        raise
+    except AuthenticationError as exc:  # the token is fine; the current password given is not
+        raise ApiError(403, "wrong_password", str(exc)) from exc
+    return {"username": changed.username, "must_change_password": changed.must_change_password}
 
 
 # ---------------------------------------------------------------------------------------------------------- CT
@@ -193,34 +227,55 @@ def report(request: Request, report_ref: str, deidentified: bool = False, actor:
     return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
+def _report_edits(body: dict, allowed: tuple[str, ...]) -> dict:
+    """The edit fields of a PATCH or amend body, type-checked (the report model checks their contents)."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, "bad_input", f"body: unknown fields {unknown}; expected {', '.join(allowed)}")
+    for key in ("impression", "recommendation", "reason"):
+        if key in body and not isinstance(body[key], str):
+            raise ApiError(400, "bad_input", f"{key}: expected text, found {type(body[key]).__name__}")
+    for key, what in (("findings", "section -> text"), ("measurements", "measurement id -> fields")):
+        if key in body and not isinstance(body[key], dict):
+            raise ApiError(400, "bad_input", f"{key}: expected an object of {what}")
+    return {k: body.get(k) for k in REPORT_EDITS}
+
+
 EDIT_EXAMPLE = {"impression": "7 mm solid nodule in the right upper lobe (M1).",
                 "measurements": {"M1": {"diameter_mm": 7.0}}}
+AMEND_EXAMPLE = {"reason": "nodule re-measured on the thin-slice series",
+                 "impression": "9 mm solid nodule in the right upper lobe (M1).",
+                 "measurements": {"M1": {"diameter_mm": 9.0}}}
 
 
 @router.patch("/api/v1/reports/{report_id}", tags=["ct"], responses=ERRORS)
 def edit_report(request: Request, report_id: int, edits: dict = Body(..., examples=[EDIT_EXAMPLE]),
                 actor: Actor = Depends(current_actor)):
-    """Edit a draft: `findings` (section -> text), `impression`, `recommendation`, `measurements` (id -> fields).
-    Edited measurements are marked and the report is grounded again."""
+    """Edit a draft or an unsigned amendment (its author): `findings` (section -> text), `impression`,
+    `recommendation`, `measurements` (id -> fields). Edited measurements are marked and the report is grounded
+    again."""
     ctx = ctx_of(request)
-    unknown = sorted(set(edits) - {"findings", "impression", "recommendation", "measurements"})
-    if unknown:
-        raise ApiError(400, "bad_input", f"edits: unknown fields {unknown}; expected findings, impression, "
-                                         "recommendation, measurements")
-    for key in ("impression", "recommendation"):
-        if key in edits and not isinstance(edits[key], str):
-            raise ApiError(400, "bad_input", f"{key}: expected text, found {type(edits[key]).__name__}")
-    if "measurements" in edits and not isinstance(edits["measurements"], dict):
-        raise ApiError(400, "bad_input", "measurements: expected an object of measurement id -> fields")
-    info = ctx.ct.edit(actor, report_id, findings=edits.get("findings"), impression=edits.get("impression"),
-                       recommendation=edits.get("recommendation"), measurements=edits.get("measurements"),
-                       client=client_address(request))
+    info = ctx.ct.edit(actor, report_id, **_report_edits(edits, REPORT_EDITS), client=client_address(request))
     return {"report": _report_json(info), "flags": info.content.get("flags", [])}
+
+
+@router.post("/api/v1/reports/{report_id}/amend", tags=["ct"], status_code=201, responses=ERRORS)
+def amend(request: Request, report_id: int, body: dict = Body(..., examples=[AMEND_EXAMPLE]),
+          actor: Actor = Depends(current_actor)):
+    """Amend the newest signed version (clinician): `reason` (required) and the sections to change, as for PATCH.
+    -> 201 the new version, status `amended`, not signed yet, grounded again; edit it with PATCH, then sign it."""
+    ctx = ctx_of(request)
+    edits = _report_edits(body, ("reason", *REPORT_EDITS))
+    if not (body.get("reason") or "").strip():
+        raise ApiError(400, "bad_input", "reason: expected why the signed report is amended, found nothing")
+    info = ctx.ct.amend(actor, report_id, reason=body["reason"], **edits, client=client_address(request))
+    return JSONResponse({"report": _report_json(info), "flags": info.content.get("flags", [])}, status_code=201)
 
 
 @router.post("/api/v1/reports/{report_id}/sign", tags=["ct"], responses=ERRORS)
 def sign(request: Request, report_id: int, actor: Actor = Depends(current_actor)):
-    """Sign a draft (clinician); a signed report is final and cannot be signed again (409)."""
+    """Sign a draft (it becomes `final`) or an unsigned amendment (it stays `amended`), as a clinician; a signed
+    version cannot be signed again (409)."""
     ctx = ctx_of(request)
     return {"report": _report_json(ctx.ct.sign(actor, report_id, client=client_address(request)))}
 

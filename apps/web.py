@@ -1,5 +1,8 @@
 """The web UI (Gradio Blocks, mounted at `/` by apps.server): CT, Wafers, History and Admin tabs.
 
+Reports: a draft is edited, saved and signed; a signed version is read-only and *Amend report* (with a reason)
+opens the next version, which is edited and signed the same way. History shows every version and its diffs.
+
 Every handler resolves the user from the session cookie (apps/server/pages.py logs in) and acts through the same
 services and store calls as the REST API. Uploads are moved into the store and deleted from Gradio's cache;
 rendered images go into per-user cache files; downloads are FastAPI routes under /files/ that check ownership.
@@ -13,6 +16,7 @@ import functools
 import html
 import inspect
 import io
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -29,7 +33,13 @@ EDITABLE_NUMBERS = ["diameter_mm", "long_axis_mm", "short_axis_mm", "volume_ml",
                     "cardiothoracic_ratio"]
 WAFER_COLUMNS = ["wafer_id", "source", "status", "predicted_class", "defect_score", "anomaly_score", "error"]
 ROLES = ["clinician", "engineer", "admin"]
+DIFF_MODEL, DIFF_PREVIOUS = "model draft", "previous version"
 DISPLAY_PX = 512  # slices smaller than this are shown enlarged by a whole factor
+
+
+def sentences(text: str) -> list[str]:
+    """One sentence a line: a diff then marks the sentences that changed, not whole long paragraphs."""
+    return [part for line in text.splitlines() for part in re.split(r"(?<=[.!?])\s+", line) if part]
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -132,9 +142,7 @@ def build_ui(ctx) -> gr.Blocks:
         findings = content.get("findings", {})
         indication = content.get("indication", {})
         transcript = indication.get("transcript") or ""
-        status_line = f"Report {info.id}, version {info.version}: **{info.status}**" + (
-            f", signed by {info.signer} at {info.signed_at:%Y-%m-%d %H:%M} UTC" if info.signer else "")
-        editable = info.status == "draft"  # a signed report is shown read-only
+        editable = info.is_open  # a signed version is shown read-only; Amend opens the next one
 
         def box(value):
             return gr.update(value=value, interactive=editable)
@@ -143,7 +151,25 @@ def build_ui(ctx) -> gr.Blocks:
                                                          _default_slice(content, actor, info)),
                 flags_html(content), transcript, *[box(findings.get(s, "")) for s in SYSTEMS],
                 box(content.get("impression", "")), box(content.get("recommendation", "")),
-                box(measurement_rows(content)), status_line, links_html(info.id, info.status, deid)]
+                box(measurement_rows(content)), status_markdown(actor, info), links_html(info.id, info.status, deid),
+                gr.update(interactive=editable), gr.update(interactive=editable), gr.update(visible=not editable)]
+
+    def status_markdown(actor, info) -> str:
+        """This version's state and what to do next, then every version of the study."""
+        if info.status == "draft":
+            state = "**draft**: edit, *Save changes*, then *Sign report*"
+        elif info.is_open:
+            state = (f"**amended**, not signed yet (amends report {info.amends_id}: "
+                     f"{html.escape(info.amend_reason or '')}): edit, *Save changes*, then *Sign report*")
+        else:
+            state = (f"**{info.status}**, signed by {html.escape(info.signer)} at {info.signed_at:%Y-%m-%d %H:%M} UTC;"
+                     " read-only (*Amend report* opens a new version)")
+        versions = []
+        for r in st.list_reports(ctx.store, actor, info.study_id):
+            signed = f"signed by {html.escape(r.signer)}" if r.signer else "not signed"
+            mark = "**" if r.id == info.id else ""
+            versions.append(f"{mark}v{r.version} (report {r.id}) {r.status}, {signed}{mark}")
+        return f"Report {info.id}, version {info.version}: {state}  \nVersions: " + " · ".join(versions)
 
     def _default_slice(content, actor, info):
         for m in content.get("measurements", []):
@@ -161,13 +187,14 @@ def build_ui(ctx) -> gr.Blocks:
     def on_load(request: gr.Request):
         actor, _ = actor_of(request)
         header = (f"### mmcore &nbsp; <small>signed in as **{html.escape(actor.username)}** ({actor.role}, site "
-                  f"{html.escape(actor.site)}) · [Log out](/logout)</small>")
+                  f"{html.escape(actor.site)}) · [Change password](/password) · [Log out](/logout)</small>")
         choices = study_choices(actor) if actor.role in ("clinician", "admin") else []
         clinical, wafers = actor.role in ("clinician", "admin"), actor.role in ("engineer", "admin")
         # Role tabs start hidden and are shown here (Gradio shows a hidden tab on update, not the reverse).
         return (header, gr.update(choices=choices), gr.Tab(visible=actor.role == "admin"),
                 gr.update(visible=actor.role == "admin"), gr.Tab(visible=clinical), gr.Tab(visible=wafers),
-                gr.Tabs(selected="ct" if clinical else "wafers"))
+                gr.Tabs(selected="ct" if clinical else "wafers"), gr.update(visible=clinical),
+                gr.update(visible=wafers))
 
     @guarded
     def on_generate(files, voice, deid, request: gr.Request, progress=gr.Progress()):
@@ -243,7 +270,7 @@ def build_ui(ctx) -> gr.Blocks:
                 edits[m.id] = changed
         info = ctx.ct.edit(actor, int(report_id), findings=sections, impression=impression,
                            recommendation=recommendation, measurements=edits, client=client)
-        gr.Info(f"Draft saved ({len(edits)} measurement(s) edited); grounding re-checked.")
+        gr.Info(f"Version {info.version} saved ({len(edits)} measurement(s) edited); grounding re-checked.")
         return report_outputs(actor, info, info.content, deid, z, window)
 
     @guarded
@@ -255,6 +282,27 @@ def build_ui(ctx) -> gr.Blocks:
         info, content = ctx.ct.report(actor, int(report_id), client=client)
         gr.Info(f"Report {report_id} signed.")
         return report_outputs(actor, info, content.model_dump(mode="json"), deid, z, window)
+
+    @guarded
+    def on_amend(report_id, reason, deid, z, window, request: gr.Request):
+        actor, client = actor_of(request)
+        if not report_id:
+            raise gr.Error("Open a signed report first.")
+        if not (reason or "").strip():
+            raise gr.Error("Reason for the amendment: say why the signed report changes.")
+        info = ctx.ct.amend(actor, int(report_id), reason=reason, client=client)
+        gr.Info(f"Version {info.version} (report {info.id}) amends report {report_id}: edit it, save and sign it.")
+        return report_outputs(actor, info, info.content, deid, z, window) + [""]
+
+    @guarded
+    def on_open_report(report_id, deid, request: gr.Request):
+        """History -> CT tab: one version of a report, with its study's slices."""
+        actor, client = actor_of(request)
+        if not report_id:
+            raise gr.Error("Enter a report id from the table.")
+        info, content = ctx.ct.report(actor, int(report_id), client=client)
+        return report_outputs(actor, info, content.model_dump(mode="json"), deid) + [
+            gr.Tabs(selected="ct"), gr.update(value=info.study_id)]
 
     @guarded
     def on_deid(report_id, deid, request: gr.Request):
@@ -344,7 +392,8 @@ def build_ui(ctx) -> gr.Blocks:
                     if status and status != "any" and r.status != status:
                         continue
                     reports.append([r.id, s.id, r.version, r.status, r.author, r.signer or "",
-                                    f"{r.signed_at:%Y-%m-%d %H:%M}" if r.signed_at else "", r.model_id or ""])
+                                    f"{r.signed_at:%Y-%m-%d %H:%M}" if r.signed_at else "", r.amends_id or "",
+                                    r.amend_reason or "", r.model_id or ""])
         lots = []
         if actor.role in ("engineer", "admin"):
             for lot in st.list_lots(ctx.store, actor):
@@ -360,20 +409,29 @@ def build_ui(ctx) -> gr.Blocks:
         return studies, reports, lots, audit
 
     @guarded
-    def on_diff(report_id, request: gr.Request):
+    def on_diff(report_id, against, request: gr.Request):
         from pipelines.ct.report import CTReport
 
         actor, client = actor_of(request)
         if not report_id:
             raise gr.Error("Enter a report id from the table.")
         info = st.get_report(ctx.store, actor, int(report_id), client=client)
-        if not info.model_draft:
-            return "<p>This report has no model draft to compare with.</p>"
-        before = CTReport.model_validate(info.model_draft).narrative().splitlines()
-        after = CTReport.model_validate(info.content).narrative().splitlines()
-        label = "signed text" if info.status != "draft" else "current draft"
-        table = difflib.HtmlDiff(wrapcolumn=70).make_table(before, after, "model draft", label, context=False)
-        return f"<p>Report {info.id} ({info.status}): model draft vs {label}</p>" + table
+        label = "current text" if info.is_open else "signed text"
+        if against == DIFF_PREVIOUS:
+            if not info.amends_id:
+                return f"<p>Report {info.id} is version {info.version}: there is no earlier version to compare.</p>"
+            before_info = st.get_report(ctx.store, actor, info.amends_id, client=client)
+            before_content, before_label = before_info.content, f"version {before_info.version}"
+        else:
+            if not info.model_draft:
+                return "<p>This report has no model draft to compare with.</p>"
+            before_content, before_label = info.model_draft, "model draft"
+        before, after = (sentences(CTReport.model_validate(c).narrative()) for c in (before_content, info.content))
+        table = difflib.HtmlDiff(wrapcolumn=100).make_table(before, after, before_label,
+                                                           f"version {info.version} ({label})", context=False)
+        reason = f"; reason: {html.escape(info.amend_reason)}" if info.amend_reason else ""
+        return (f"<p>Report {info.id}, version {info.version} ({info.status}{reason}): {before_label} vs "
+                f"{label}</p>" + table)
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -381,7 +439,8 @@ def build_ui(ctx) -> gr.Blocks:
     def on_users(request: gr.Request):
         actor, _ = actor_of(request)
         return [[u.username, u.role, u.site, "yes" if u.active else "no",
-                 f"{u.locked_until:%Y-%m-%d %H:%M}" if u.locked_until else "", f"{u.created_at:%Y-%m-%d}"]
+                 f"{u.locked_until:%Y-%m-%d %H:%M}" if u.locked_until else "",
+                 "not changed yet" if u.must_change_password else "", f"{u.created_at:%Y-%m-%d}"]
                 for u in st.list_users(ctx.store, actor)]
 
     @guarded
@@ -444,8 +503,12 @@ def build_ui(ctx) -> gr.Blocks:
                                             interactive=True, wrap=True, elem_id="measurements",
                                             static_columns=[0, 1, 10])
                 with gr.Row():
-                    save = gr.Button("Save draft", elem_id="save")
+                    save = gr.Button("Save changes", elem_id="save")
                     sign = gr.Button("Sign report", variant="primary", elem_id="sign")
+                with gr.Row(visible=False) as amend_row:
+                    amend_reason = gr.Textbox(label="Reason for the amendment", scale=3, elem_id="amend-reason",
+                                              placeholder="e.g. nodule re-measured on the thin-slice series")
+                    amend = gr.Button("Amend report", scale=1, elem_id="amend")
             with gr.Tab("Wafers", id="wafers", visible=False) as wafers_tab:
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
@@ -463,31 +526,36 @@ def build_ui(ctx) -> gr.Blocks:
                                            elem_id="wafer-results")
                 gallery = gr.Gallery(label="Excursions (flagged wafers)", columns=6, height=300,
                                      elem_id="wafer-gallery")
-            with gr.Tab("History", id="history"):
+            with gr.Tab("History", id="history") as history_tab:
                 with gr.Row():
                     since = gr.Textbox(label="From date (YYYY-MM-DD)", elem_id="hist-since")
                     user_filter = gr.Textbox(label="User", elem_id="hist-user")
                     status_filter = gr.Dropdown(["any", "draft", "final", "amended"], value="any", label="Status")
                     refresh = gr.Button("Refresh", elem_id="hist-refresh")
-                studies_table = gr.Dataframe(headers=["id", "description", "pseudonym", "date", "owner", "site",
-                                                      "uploaded"], label="Studies", interactive=False)
-                reports_table = gr.Dataframe(headers=["report", "study", "version", "status", "author", "signer",
-                                                      "signed", "model"], label="Report versions",
-                                             interactive=False, elem_id="hist-reports")
-                with gr.Row():
-                    diff_id = gr.Number(label="Report id", precision=0, elem_id="diff-id")
-                    diff_btn = gr.Button("Show model draft vs signed text", elem_id="diff")
-                diff_html = gr.HTML(elem_id="diff-view")
+                with gr.Column(visible=False) as history_ct:  # clinicians and admins
+                    studies_table = gr.Dataframe(headers=["id", "description", "pseudonym", "date", "owner", "site",
+                                                          "uploaded"], label="Studies", interactive=False)
+                    reports_table = gr.Dataframe(headers=["report", "study", "version", "status", "author", "signer",
+                                                          "signed", "amends", "reason", "model"],
+                                                 label="Report versions", interactive=False, elem_id="hist-reports")
+                    with gr.Row():
+                        diff_id = gr.Number(label="Report id", precision=0, elem_id="diff-id")
+                        diff_against = gr.Radio([DIFF_MODEL, DIFF_PREVIOUS], value=DIFF_MODEL, label="Compare with",
+                                                elem_id="diff-against")
+                        diff_btn = gr.Button("Show differences", elem_id="diff")
+                        open_btn = gr.Button("Open in the CT report tab", elem_id="hist-open")
+                    diff_html = gr.HTML(elem_id="diff-view")
                 lots_table = gr.Dataframe(headers=["lot", "product", "site", "created"], label="Lots",
-                                          interactive=False, elem_id="hist-lots")
+                                          interactive=False, elem_id="hist-lots", visible=False)
                 with gr.Group(visible=False) as audit_group:
                     audit_table = gr.Dataframe(headers=["at", "user", "role", "action", "object", "id", "outcome",
                                                         "client"], label="Audit events (admins)", interactive=False)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                users_table = gr.Dataframe(headers=["user", "role", "site", "active", "locked until", "created"],
+                users_table = gr.Dataframe(headers=["user", "role", "site", "active", "locked until",
+                                                    "one-time password", "created"],
                                            label="Users", interactive=False, elem_id="users")
                 with gr.Row():
-                    new_user = gr.Textbox(label="User name", elem_id="new-user")
+                    new_user = gr.Textbox(label="User name (to add, disable or enable)", elem_id="new-user")
                     new_password = gr.Textbox(label="Password (8+ characters)", type="password",
                                               elem_id="new-password")
                     new_role = gr.Dropdown(ROLES, value="clinician", label="Role", elem_id="new-role")
@@ -496,12 +564,13 @@ def build_ui(ctx) -> gr.Blocks:
                     add_user = gr.Button("Add user", variant="primary", elem_id="add-user")
                     disable = gr.Button("Disable user")
                     enable = gr.Button("Enable user")
-                    users_refresh = gr.Button("Refresh")
+                    users_refresh = gr.Button("Refresh", elem_id="users-refresh")
 
         REPORT_OUTPUTS[:] = [report_id, study_id, slice_image, slider, flags, transcript, *section_boxes,
-                             impression, recommendation, measurements, status_line, downloads]
+                             impression, recommendation, measurements, status_line, downloads, save, sign, amend_row]
         edit_inputs = [*section_boxes, impression, recommendation, measurements]
-        demo.load(on_load, None, [header, picker, admin_tab, audit_group, ct_tab, wafers_tab, tabs],
+        demo.load(on_load, None, [header, picker, admin_tab, audit_group, ct_tab, wafers_tab, tabs, history_ct,
+                                  lots_table],
                   api_visibility="private")
         generate.click(on_generate, [ct_files, voice, deid], [ct_files, voice, picker] + REPORT_OUTPUTS,
                        api_visibility="private", concurrency_id="ct", concurrency_limit=ctx.settings.ct_workers,
@@ -516,14 +585,22 @@ def build_ui(ctx) -> gr.Blocks:
                    show_progress_on=[flags])
         picker.input(on_pick_study, [picker, deid], REPORT_OUTPUTS, api_visibility="private",
                      show_progress_on=[slice_image])
+        amend.click(on_amend, [report_id, amend_reason, deid, slider, window], REPORT_OUTPUTS + [amend_reason],
+                    api_visibility="private", show_progress_on=[flags])
         deid.change(on_deid, [report_id, deid], downloads, api_visibility="private")
         score.click(on_score, [wafer_files, lot, product], [lot, wafer_table, lot_md, gallery, density, lot_links],
                     api_visibility="private", concurrency_id="wafer", concurrency_limit=4,
                     show_progress_on=[wafer_table])
         refresh.click(on_history, [since, user_filter, status_filter],
                       [studies_table, reports_table, lots_table, audit_table], api_visibility="private")
-        diff_btn.click(on_diff, [diff_id], diff_html, api_visibility="private")
+        diff_btn.click(on_diff, [diff_id, diff_against], diff_html, api_visibility="private")
+        open_btn.click(on_open_report, [diff_id, deid], REPORT_OUTPUTS + [tabs, picker], api_visibility="private",
+                       show_progress_on=[diff_html])
         users_refresh.click(on_users, None, users_table, api_visibility="private")
+        # Opening a tab shows its tables at once (no empty table waiting for a Refresh click).
+        admin_tab.select(on_users, None, users_table, api_visibility="private")
+        history_tab.select(on_history, [since, user_filter, status_filter],
+                           [studies_table, reports_table, lots_table, audit_table], api_visibility="private")
         add_user.click(on_add_user, [new_user, new_password, new_role, new_site], [users_table, new_user,
                                                                                    new_password],
                        api_visibility="private")

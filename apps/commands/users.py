@@ -96,7 +96,8 @@ def cmd_list(args) -> int:
     rows = [("user", "role", "site", "state", "created")]
     for u in users:
         state = "disabled" if not u.active else (
-            f"locked until {u.locked_until:%H:%M} UTC" if u.locked_until and u.locked_until > now else "active")
+            f"locked until {u.locked_until:%H:%M} UTC" if u.locked_until and u.locked_until > now else
+            "one-time password (change it at the first log-in)" if u.must_change_password else "active")
         rows.append((u.username, u.role, u.site, state, f"{u.created_at:%Y-%m-%d}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

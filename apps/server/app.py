@@ -76,10 +76,20 @@ class ServerContext:
         with self._lock:
             self._sessions.pop(token, None)
 
+    def scope_actor(self, scope) -> Actor | None:
+        return self.actor_for_session(cookie_token(scope.get("headers") or []), (scope.get("client") or (None,))[0])
+
     def session_user(self, scope) -> str | None:
-        actor = self.actor_for_session(cookie_token(scope.get("headers") or []),
-                                       (scope.get("client") or (None,))[0])
-        return actor.username if actor else None
+        """The UI's user: None without a session, or while the account's one-time password is unchanged."""
+        actor = self.scope_actor(scope)
+        return actor.username if actor and not actor.must_change_password else None
+
+    def ui_redirect(self, scope) -> str | None:
+        """Where the browser goes instead of the UI: the log-in page, or the password page for a one-time one."""
+        actor = self.scope_actor(scope)
+        if actor is None:
+            return "/login"
+        return "/password" if actor.must_change_password else None
 
     def close(self) -> None:
         self.wafers.batcher.close()
@@ -117,7 +127,7 @@ def create_app(settings: Settings | None = None, *, ui: bool = True) -> FastAPI:
             css=WEB_CSS, theme=gr.themes.Default())  # the default theme ships its fonts: nothing fetched
         app.state.ctx = ctx
     app.add_middleware(ServerMiddleware, metrics=ctx.metrics, max_bytes=settings.max_request_bytes,
-                       files=ctx.files, session_user=ctx.session_user)
+                       files=ctx.files, session_user=ctx.session_user, ui_redirect=ctx.ui_redirect)
     return app
 
 

@@ -10,21 +10,27 @@ from fastapi import Request
 
 from apps.server.errors import ApiError
 from apps.store import (Actor, AuthenticationError, Store, check_api_token, check_session, create_user,
-                        list_users)
+                        list_users, require_password_changed)
 
 SESSION_COOKIE = "mmcore_session"
 BOOTSTRAP_ADMIN = "admin"
 
 
 def bootstrap_admin(store: Store, out=sys.stdout) -> str | None:
-    """On an empty user table, create `admin` with a random password and print it once; returns the password."""
+    """On an empty user table, create `admin` with a random one-time password and print it once; returns it.
+
+    The password has been on a console (and maybe in a log), so the account must choose a new one before it can do
+    anything else: the UI asks at the first log-in, the API answers 403 `password_change_required` until then.
+    """
     if list_users(store, Actor.system()):
         return None
     password = secrets.token_urlsafe(12)
-    create_user(store, Actor.system(), BOOTSTRAP_ADMIN, password, "admin", client="bootstrap")
+    create_user(store, Actor.system(), BOOTSTRAP_ADMIN, password, "admin", must_change_password=True,
+                client="bootstrap")
     print(f"first start: created user '{BOOTSTRAP_ADMIN}' (role admin) with the one-time password: {password}\n"
-          "  it is shown only now; log in, create the clinician and engineer accounts, and keep it safe "
-          "(`mmcore users token admin` gives an API token)", file=out, flush=True)
+          "  it is shown only now; log in to the web UI and choose a new password (or POST /api/v1/me/password "
+          "with a token from `mmcore users token admin`), then create the clinician and engineer accounts",
+          file=out, flush=True)
     return password
 
 
@@ -69,6 +75,14 @@ def session_actor(store: Store, token: str | None, client: str | None = None) ->
         return check_session(store, token, client=client)
     except AuthenticationError:
         return None
+
+
+def require_new_password(store: Store, actor: Actor, request: Request) -> Actor:
+    """Refuse (403 password_change_required, audited) an account that still has its one-time password, before the
+    request's body is read or a model runs; the store refuses it on every call too."""
+    if actor.must_change_password:
+        require_password_changed(store, actor, "api.request", client=client_address(request))
+    return actor
 
 
 def require_role(actor: Actor, *roles: str) -> None:

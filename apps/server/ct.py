@@ -1,5 +1,6 @@
 """CT studies for the API and the UI: upload -> ingest -> measure -> draft (through the model queues) -> store;
-volumes back from the store for the viewer; edits with re-grounding; exports with an optional de-identification."""
+volumes back from the store for the viewer; edits and amendments with re-grounding; exports with an optional
+de-identification."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from apps.server.inference import ModelQueue
 from apps.server.settings import Settings
-from apps.store import (Actor, NewSeries, ReportInfo, Store, StudyInfo, add_study, add_voice_note,
-                        create_draft_report, edit_draft, get_report, get_study, sign_report)
+from apps.store import (Actor, InvalidTransition, NewSeries, ReportInfo, Store, StudyInfo, add_study, add_voice_note,
+                        amend_report, create_draft_report, edit_draft, get_report, get_study, sign_report)
 from mmcore.errors import InputError
 from pipelines.ct.dicom import ArchiveLimits
 from pipelines.ct.report_model import DEFAULT_CHECKPOINT
@@ -99,6 +100,40 @@ class _RequestTranscriber:
         model = self.owner.queue.run(self.owner._load, stage="load")
         self.transcript = self.owner.queue.run(lambda: model.transcribe(audio), stage="transcribe")
         return self.transcript
+
+
+def _apply_edits(report, findings: dict | None, impression: str | None, recommendation: str | None,
+                 measurements: dict[str, dict] | None) -> None:
+    """Clinician's changes to a CTReport: text sections, and measurements (marked edited, measured values kept);
+    then the critical rules and grounding run again on the result."""
+    from pipelines.ct.grounding import apply_grounding
+    from pipelines.ct.report import DEFAULT_CRITICAL_RULES, Findings, ReportError, critical_results
+
+    if findings is not None:
+        if not isinstance(findings, dict):
+            raise ReportError("findings: expected an object of section -> text")
+        try:
+            report.findings = Findings.model_validate({**report.findings.model_dump(), **findings})
+        except Exception as exc:  # pydantic ValidationError: name the field
+            raise ReportError(f"findings: {exc.errors()[0]['loc'][0] if hasattr(exc, 'errors') else ''} "
+                              f"is not a report section or not text") from exc
+    if impression is not None:
+        report.impression = str(impression)
+    if recommendation is not None:
+        report.recommendation = str(recommendation)
+    for mid, values in (measurements or {}).items():
+        if not isinstance(values, dict):
+            raise ReportError(f"measurements.{mid}: expected an object of field -> value")
+        current = report.measurement(mid)
+        changed = {k: v for k, v in values.items() if getattr(current, k, object()) != v}
+        if changed:
+            try:
+                report.edit_measurement(mid, **changed)
+            except ValueError as exc:
+                raise ReportError(f"measurements.{mid}: {exc}") from exc
+    # Edited sizes can cross a critical threshold (e.g. a nodule corrected to >= 30 mm): rules run again too.
+    report.critical = critical_results(report.measurements, DEFAULT_CRITICAL_RULES)
+    apply_grounding(report)
 
 
 @dataclass
@@ -230,8 +265,9 @@ class CTService:
 
         info = get_report(self.store, actor, report_id, client=client)
         report = CTReport.model_validate(info.content)
-        if info.status == "final" and report.status == "draft" and info.signer:
-            report.sign(info.signer, when=info.signed_at)  # the store holds the signature; the exports show it
+        if info.signer and report.signature is None:
+            # The store holds the signature (a draft becomes final, an amendment stays amended); exports show it.
+            report.sign(info.signer, when=info.signed_at)
         return info, report
 
     # ------------------------------------------------------------------------------------------------ changing
@@ -239,41 +275,33 @@ class CTService:
     def edit(self, actor: Actor, report_id: int, *, findings: dict | None = None, impression: str | None = None,
              recommendation: str | None = None, measurements: dict[str, dict] | None = None,
              client: str | None = None) -> ReportInfo:
-        """Apply a clinician's edits, mark edited measurements, ground again, and save the draft."""
-        from pipelines.ct.grounding import apply_grounding
-        from pipelines.ct.report import DEFAULT_CRITICAL_RULES, Findings, ReportError, critical_results
+        """Apply a clinician's edits to an open version (a draft or an unsigned amendment), mark edited
+        measurements, ground again, and save it."""
+        info, report = self.report(actor, report_id, client=client)
+        if not info.is_open:
+            raise InvalidTransition(f"report {report_id} is {info.status} and signed; only a draft or an unsigned "
+                                    "amendment can be edited (amend a signed report)")
+        _apply_edits(report, findings, impression, recommendation, measurements)
+        return edit_draft(self.store, actor, report_id, report.model_dump(mode="json"), client=client)
+
+    def amend(self, actor: Actor, report_id: int, *, reason: str, findings: dict | None = None,
+              impression: str | None = None, recommendation: str | None = None,
+              measurements: dict[str, dict] | None = None, client: str | None = None) -> ReportInfo:
+        """A new version of a signed report with these changes (status amended, unsigned until a clinician signs
+        it), grounded again; the signed version stays as it was."""
+        from pipelines.ct.report import ReportError
 
         info, report = self.report(actor, report_id, client=client)
-        if info.status != "draft":
-            from apps.store import InvalidTransition
-
-            raise InvalidTransition(f"report {report_id} is {info.status}; only a draft can be edited")
-        if findings is not None:
-            if not isinstance(findings, dict):
-                raise ReportError("findings: expected an object of section -> text")
-            try:
-                report.findings = Findings.model_validate({**report.findings.model_dump(), **findings})
-            except Exception as exc:  # pydantic ValidationError: name the field
-                raise ReportError(f"findings: {exc.errors()[0]['loc'][0] if hasattr(exc, 'errors') else ''} "
-                                  f"is not a report section or not text") from exc
-        if impression is not None:
-            report.impression = str(impression)
-        if recommendation is not None:
-            report.recommendation = str(recommendation)
-        for mid, values in (measurements or {}).items():
-            if not isinstance(values, dict):
-                raise ReportError(f"measurements.{mid}: expected an object of field -> value")
-            current = report.measurement(mid)
-            changed = {k: v for k, v in values.items() if getattr(current, k, object()) != v}
-            if changed:
-                try:
-                    report.edit_measurement(mid, **changed)
-                except ValueError as exc:
-                    raise ReportError(f"measurements.{mid}: {exc}") from exc
-        # Edited sizes can cross a critical threshold (e.g. a nodule corrected to >= 30 mm): rules run again too.
-        report.critical = critical_results(report.measurements, DEFAULT_CRITICAL_RULES)
-        apply_grounding(report)
-        return edit_draft(self.store, actor, report_id, report.model_dump(mode="json"), client=client)
+        if info.is_open:
+            kind = "a draft" if info.status == "draft" else "an unsigned amendment"
+            raise InvalidTransition(f"report {report_id} is {kind}: edit it and sign it; amendments apply to signed "
+                                    "reports")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ReportError("reason: expected why the signed report is amended, found nothing")
+        report.amend()  # reopens it: status amended, signature cleared
+        _apply_edits(report, findings, impression, recommendation, measurements)
+        return amend_report(self.store, actor, report_id, report.model_dump(mode="json"), reason=reason.strip(),
+                            client=client)
 
     def sign(self, actor: Actor, report_id: int, *, client: str | None = None) -> ReportInfo:
         return sign_report(self.store, actor, report_id, client=client)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apps.store import (AccountLocked, AuthenticationError, ConflictError, InvalidTransition, NotFoundError,
-                        PermissionDenied)
+                        PasswordChangeRequired, PermissionDenied)
 from mmcore.errors import InputError
 
 log = logging.getLogger("mmcore.server")
@@ -28,6 +28,7 @@ class ApiError(Exception):
 ERROR_MAP = [
     (AccountLocked, 423, "account_locked"),
     (AuthenticationError, 401, "unauthenticated"),
+    (PasswordChangeRequired, 403, "password_change_required"),
     (PermissionDenied, 403, "forbidden"),
     (NotFoundError, 404, "not_found"),
     (InvalidTransition, 409, "invalid_transition"),

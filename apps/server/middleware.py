@@ -42,9 +42,9 @@ class ServerMiddleware:
     each file to the user it was made for (uploads are registered from the upload response, outputs when rendered).
     """
 
-    def __init__(self, app, *, metrics: Metrics, max_bytes: int, files, session_user):
-        self.app, self.metrics, self.max_bytes, self.files, self.session_user = app, metrics, max_bytes, files, \
-            session_user
+    def __init__(self, app, *, metrics: Metrics, max_bytes: int, files, session_user, ui_redirect):
+        self.app, self.metrics, self.max_bytes, self.files = app, metrics, max_bytes, files
+        self.session_user, self.ui_redirect = session_user, ui_redirect
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -63,10 +63,11 @@ class ServerMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 status_holder["status"] = 413
                 return await _send_json(send, 413, self._too_large())
-            if method == "GET" and path == "/" and self.session_user(scope) is None:
-                status_holder["status"] = 303  # the UI needs a session: send the browser to the log-in page
+            location = self.ui_redirect(scope) if method == "GET" and path == "/" else None
+            if location:
+                status_holder["status"] = 303  # the UI needs a session (and a password of the user's own)
                 await send({"type": "http.response.start", "status": 303,
-                            "headers": [(b"location", b"/login"), (b"content-length", b"0")]})
+                            "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
                 return await send({"type": "http.response.body", "body": b""})
             if path.startswith(FILE_PREFIXES):
                 user = self.session_user(scope)

@@ -16,7 +16,7 @@ from apps.server.inference import WaferBatcher
 from apps.server.metrics import Metrics
 from apps.server.settings import Settings
 from apps.store import (Actor, NewWafer, NewWaferScore, Store, add_wafer_scores, add_wafers, get_or_create_lot,
-                        lot_summary, scores_for_lot)
+                        lot_summary, scores_for_lot, wafer_map_refs)
 from pipelines.wafer.maps import SUFFIXES, WaferError, WaferMap, WaferReadError, check_grid, read_file
 
 MAX_ZIP_MEMBERS = 20_000
@@ -163,11 +163,15 @@ class WaferService:
                                                      "`mmcore train wafer --out DIR` and serve with it")
 
     def _load_scorer(self):
+        from apps.server.errors import ApiError
         from pipelines.wafer.scoring import WaferScorer
 
         # Intra-op threads per model call: a server runs many calls side by side, and on a small machine extra
         # torch threads fight each other (measured 10x slower with 2 threads on 2 busy cores).
-        return WaferScorer(self.checkpoint, device="cpu", threads=self.settings.torch_threads)
+        try:
+            return WaferScorer(self.checkpoint, device="cpu", threads=self.settings.torch_threads)
+        except WaferError as exc:  # the server's checkpoint, not the caller's input, is at fault
+            raise ApiError(503, "model_unavailable", f"wafer model at {self.checkpoint}: {exc}") from exc
 
     @property
     def thresholds(self):
@@ -219,26 +223,19 @@ class WaferService:
 
     # ------------------------------------------------------------------------------------------------ reports
 
-    def _maps(self, lot_id: str) -> dict[tuple[str, str], WaferMap]:
-        from sqlalchemy import select
-
-        from apps.store.models import Wafer, WaferLot
-
-        def run(session):
-            rows = session.execute(select(Wafer.source, Wafer.wafer_id, Wafer.map_sha256, Wafer.slot)
-                                   .join(WaferLot, WaferLot.id == Wafer.lot_pk).where(WaferLot.lot_id == lot_id))
-            return list(rows)
-
+    def _maps(self, actor: Actor, lot_id: str) -> dict[tuple[str, str], WaferMap]:
+        """The lot's stored maps, read back from their request bundles (each blob is read once)."""
         out, bundles = {}, {}
-        for source, wafer_id, sha, slot in self.store.read(run):
-            if not sha or not self.store.has_blob(sha):
+        for ref in wafer_map_refs(self.store, actor, lot_id):
+            if not ref.map_sha256 or not self.store.has_blob(ref.map_sha256):
                 continue
-            if sha not in bundles:
-                with self.store.open_blob(sha) as f:
-                    bundles[sha] = _bundle_maps(f.read())
-            grid = bundles[sha].get((source, wafer_id))
+            if ref.map_sha256 not in bundles:
+                with self.store.open_blob(ref.map_sha256) as f:
+                    bundles[ref.map_sha256] = _bundle_maps(f.read())
+            grid = bundles[ref.map_sha256].get((ref.source, ref.wafer_id))
             if grid is not None:
-                out[(source, wafer_id)] = WaferMap(grid=grid, wafer_id=wafer_id, source=source, slot=slot)
+                out[(ref.source, ref.wafer_id)] = WaferMap(grid=grid, wafer_id=ref.wafer_id, source=ref.source,
+                                                           slot=ref.slot)
         return out
 
     def lot_report(self, actor: Actor, lot_id: str, *, client: str | None = None):
@@ -252,7 +249,7 @@ class WaferService:
                            defect_score=s.defect_score, anomaly_score=s.anomaly_score, model_id=s.model_id)
                   for s in scores.values()]
         limits = self.thresholds.for_product(summary.product or None)
-        return build_report(lot_id, summary.product, wafers, self._maps(lot_id), limits.defect, limits.anomaly)
+        return build_report(lot_id, summary.product, wafers, self._maps(actor, lot_id), limits.defect, limits.anomaly)
 
     def export(self, actor: Actor, lot_id: str, fmt: str, *, client: str | None = None) -> tuple[bytes, str, str]:
         import tempfile

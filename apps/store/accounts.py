@@ -29,6 +29,7 @@ SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 API_TOKEN_PREFIX = "mmc_"
 LAST_USED_RESOLUTION_S = 60  # refresh api_tokens.last_used_at at most this often (avoids a write per request)
 MAX_TOKEN_DAYS = 3650
+MAX_PASSWORD_LENGTH = 1024  # argon2 takes any length; this only bounds the work a request can ask for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class UserInfo:
     active: bool
     created_at: dt.datetime
     locked_until: dt.datetime | None
+    must_change_password: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,21 +85,29 @@ def _user_by_name(session: Session, username: str) -> User:
 
 
 def _actor(user: User) -> Actor:
-    return Actor(user.id, user.username, user.role, user.site)
+    return Actor(user.id, user.username, user.role, user.site, must_change_password=user.must_change_password)
 
 
 # --- users -----------------------------------------------------------------------------------------------------
 
 
+def check_password(policy: AccountPolicy, password, field: str = "password") -> str:
+    if not isinstance(password, str) or len(password) < policy.min_password_length:
+        raise StoreError(f"{field}: expected at least {policy.min_password_length} characters, found "
+                         f"{len(password) if isinstance(password, str) else type(password).__name__}")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise StoreError(f"{field}: expected at most {MAX_PASSWORD_LENGTH} characters, found {len(password)}")
+    return password
+
+
 def create_user(store: Store, actor: Actor, username: str, password: str, role: str, site: str = "main", *,
-                client: str | None = None) -> Actor:
+                must_change_password: bool = False, client: str | None = None) -> Actor:
+    """A new account; `must_change_password=True` for a one-time password (only log-in and changing it work)."""
     check_username(username)
     check_site(site)
     if role not in ROLES:
         raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
-    if not isinstance(password, str) or len(password) < store.policy.min_password_length:
-        raise StoreError(f"password: expected at least {store.policy.min_password_length} characters, found "
-                         f"{len(password) if isinstance(password, str) else type(password).__name__}")
+    check_password(store.policy, password)
     password_hash = hasher(store.policy).hash(password)  # slow on purpose; outside the transaction
 
     def run(session: Session) -> Actor:
@@ -105,10 +115,11 @@ def create_user(store: Store, actor: Actor, username: str, password: str, role: 
         if session.scalars(select(User.id).where(User.username == username)).first() is not None:
             raise ConflictError(f"username {username!r}: already taken")
         user = User(username=username, password_hash=password_hash, role=role, site=site, active=True,
-                    failed_logins=0)
+                    must_change_password=bool(must_change_password), failed_logins=0)
         session.add(user)
         session.flush()
-        record(session, actor, "user.create", "user", username, client=client, details={"role": role, "site": site})
+        record(session, actor, "user.create", "user", username, client=client,
+               details={"role": role, "site": site, "must_change_password": bool(must_change_password)})
         return _actor(user)
 
     try:
@@ -136,7 +147,7 @@ def set_user_active(store: Store, actor: Actor, username: str, active: bool, *, 
 def list_users(store: Store, actor: Actor) -> list[UserInfo]:
     def run(session: Session) -> list[UserInfo]:
         require_role(session, actor, ("admin",), "user.list")
-        return [UserInfo(u.username, u.role, u.site, u.active, u.created_at, u.locked_until)
+        return [UserInfo(u.username, u.role, u.site, u.active, u.created_at, u.locked_until, u.must_change_password)
                 for u in session.scalars(select(User).order_by(User.username))]
 
     return act(store, actor, None, run)
@@ -147,50 +158,11 @@ def list_users(store: Store, actor: Actor) -> list[UserInfo]:
 
 def authenticate(store: Store, username: str, password: str, client: str | None = None) -> Actor:
     """The user's Actor when the password is right; every attempt is audited, failures count toward lockout."""
-    policy = store.policy
-    ph = hasher(policy)
-
     def run(session: Session) -> Actor | AuthenticationError:
-        now = utcnow()
-        user = session.scalars(select(User).where(User.username == username).with_for_update()).one_or_none()
-        if user is None:
-            _burn_time(ph)  # same cost as a real check, so timing does not reveal which names exist
-            record(session, None, "login", "user", username, client=client, outcome="failed",
-                   username=str(username)[:64], details={"reason": "unknown user"})
-            return AuthenticationError("log-in failed: unknown user or wrong password")
-        who = _actor(user)
-        if not user.active:
-            record(session, who, "login", "user", username, client=client, outcome="failed",
-                   details={"reason": "disabled"})
-            return AuthenticationError(f"log-in failed: account {username!r} is disabled")
-        if user.locked_until is not None and user.locked_until > now:
-            record(session, who, "login", "user", username, client=client, outcome="failed",
-                   details={"reason": "locked"})
-            return AccountLocked(f"log-in failed: account {username!r} is locked until "
-                                 f"{user.locked_until:%Y-%m-%d %H:%M:%S} UTC after repeated failures")
-        try:
-            ph.verify(user.password_hash, password)
-        except (VerificationError, InvalidHashError):
-            window_start = now - dt.timedelta(seconds=policy.failure_window_s)
-            if user.first_failed_at is None or user.first_failed_at < window_start:
-                user.failed_logins, user.first_failed_at = 1, now
-            else:
-                user.failed_logins += 1
-            locked = user.failed_logins >= policy.max_failed_logins
-            if locked:
-                user.locked_until = now + dt.timedelta(seconds=policy.lockout_s)
-                user.failed_logins, user.first_failed_at = 0, None
-            record(session, who, "login", "user", username, client=client, outcome="failed",
-                   details={"reason": "wrong password", "locked": locked})
-            if locked:
-                return AccountLocked(f"log-in failed: account {username!r} is now locked for "
-                                     f"{policy.lockout_s / 60:g} minutes after {policy.max_failed_logins} failures")
-            return AuthenticationError("log-in failed: unknown user or wrong password")
-        user.failed_logins, user.first_failed_at, user.locked_until = 0, None, None
-        if ph.check_needs_rehash(user.password_hash):
-            user.password_hash = ph.hash(password)
-        record(session, who, "login", "user", username, client=client)
-        return who
+        outcome = _verify(session, store.policy, username, password, "login", "log-in", client)
+        if isinstance(outcome, Actor):
+            record(session, outcome, "login", "user", username, client=client)
+        return outcome
 
     if not isinstance(username, str) or not isinstance(password, str):
         raise AuthenticationError("log-in failed: username and password must be text")
@@ -198,6 +170,90 @@ def authenticate(store: Store, username: str, password: str, client: str | None 
     if isinstance(outcome, AuthenticationError):
         raise outcome
     return outcome
+
+
+def change_password(store: Store, actor: Actor, current_password: str, new_password: str, *,
+                    client: str | None = None) -> Actor:
+    """Set your own password; the current one proves it is you (failures count toward lockout, as at log-in).
+    Clears a one-time password. Sessions and API tokens stay valid."""
+    if not isinstance(current_password, str):
+        raise StoreError("current_password: expected text")
+    check_password(store.policy, new_password, "new_password")
+    if new_password == current_password:
+        raise StoreError("new_password: expected a password other than the current one")
+    new_hash = hasher(store.policy).hash(new_password)  # slow on purpose; outside the transaction
+
+    def run(session: Session) -> Actor | AuthenticationError:
+        user = current_user(session, actor, "user.password", one_time_password_ok=True)
+        if user is None:
+            raise StoreError("the system operator has no password; change a user's password as that user")
+        outcome = _verify(session, store.policy, user.username, current_password, "user.password",
+                          "password change", client)
+        if isinstance(outcome, AuthenticationError):
+            return outcome
+        was_one_time = user.must_change_password
+        user.password_hash, user.must_change_password = new_hash, False
+        record(session, outcome, "user.password", "user", user.username, client=client,
+               details={"was_one_time": was_one_time})
+        return _actor(user)
+
+    outcome = store.write(run)  # a wrong current password must commit its failure count before it is raised
+    if isinstance(outcome, AuthenticationError):
+        raise outcome
+    return outcome
+
+
+def require_password_changed(store: Store, actor: Actor, action: str, *, client: str | None = None) -> None:
+    """Raise PasswordChangeRequired (audited as a `denied` `action`) while the actor's one-time password is
+    unchanged; for callers that refuse early, before any store call of their own (e.g. ahead of an upload)."""
+    act(store, actor, client, lambda session: current_user(session, actor, action))
+
+
+def _verify(session: Session, policy: AccountPolicy, username: str, password: str, action: str, what: str,
+            client: str | None) -> Actor | AuthenticationError:
+    """Check a password inside a write transaction: the user's Actor, or the error to raise once the failure (its
+    audit event and the lockout counter) is committed."""
+    ph = hasher(policy)
+    now = utcnow()
+    user = session.scalars(select(User).where(User.username == username).with_for_update()).one_or_none()
+    if user is None:
+        _burn_time(ph)  # same cost as a real check, so timing does not reveal which names exist
+        record(session, None, action, "user", username, client=client, outcome="failed",
+               username=str(username)[:64], details={"reason": "unknown user"})
+        return AuthenticationError(f"{what} failed: unknown user or wrong password")
+    who = _actor(user)
+    if not user.active:
+        record(session, who, action, "user", username, client=client, outcome="failed",
+               details={"reason": "disabled"})
+        return AuthenticationError(f"{what} failed: account {username!r} is disabled")
+    if user.locked_until is not None and user.locked_until > now:
+        record(session, who, action, "user", username, client=client, outcome="failed",
+               details={"reason": "locked"})
+        return AccountLocked(f"{what} failed: account {username!r} is locked until "
+                             f"{user.locked_until:%Y-%m-%d %H:%M:%S} UTC after repeated failures")
+    try:
+        ph.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        window_start = now - dt.timedelta(seconds=policy.failure_window_s)
+        if user.first_failed_at is None or user.first_failed_at < window_start:
+            user.failed_logins, user.first_failed_at = 1, now
+        else:
+            user.failed_logins += 1
+        locked = user.failed_logins >= policy.max_failed_logins
+        if locked:
+            user.locked_until = now + dt.timedelta(seconds=policy.lockout_s)
+            user.failed_logins, user.first_failed_at = 0, None
+        record(session, who, action, "user", username, client=client, outcome="failed",
+               details={"reason": "wrong password", "locked": locked})
+        if locked:
+            return AccountLocked(f"{what} failed: account {username!r} is now locked for "
+                                 f"{policy.lockout_s / 60:g} minutes after {policy.max_failed_logins} failures")
+        return AuthenticationError(f"{what} failed: " + ("unknown user or wrong password" if action == "login"
+                                                         else "the current password is wrong"))
+    user.failed_logins, user.first_failed_at, user.locked_until = 0, None, None
+    if ph.check_needs_rehash(user.password_hash):
+        user.password_hash = ph.hash(password)
+    return who
 
 
 _DUMMY_HASHES: dict[tuple, str] = {}
@@ -221,7 +277,8 @@ def create_session(store: Store, actor: Actor, *, client: str | None = None) -> 
     token = secrets.token_urlsafe(32)
 
     def run(session: Session) -> str:
-        user = current_user(session, actor)
+        # An account with a one-time password gets a session: the UI's first page asks for a new password.
+        user = current_user(session, actor, "session.create", one_time_password_ok=True)
         if user is None:
             raise StoreError("the system operator has no web sessions; log in as a user")
         now = utcnow()
@@ -271,7 +328,7 @@ def create_api_token(store: Store, actor: Actor, username: str | None = None, *,
     token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
     def run(session: Session) -> TokenInfo:
-        me = refreshed(session, actor)
+        me = refreshed(session, actor, "token.create")
         name = username or me.username
         if name != me.username and me.role != "admin":
             raise PermissionDenied(f"{me.username} may create API tokens only for themself", "token.create",
@@ -315,7 +372,7 @@ def _refused_audited(store: Store, action: str, client: str | None, check):
 
 def revoke_token(store: Store, actor: Actor, token_id: int, *, client: str | None = None) -> None:
     def run(session: Session) -> None:
-        me = refreshed(session, actor)
+        me = refreshed(session, actor, "token.revoke")
         row = session.get(ApiToken, token_id)
         if row is None:
             raise NotFoundError(f"API token {token_id}: no such token")
@@ -332,7 +389,7 @@ def revoke_token(store: Store, actor: Actor, token_id: int, *, client: str | Non
 def revoke_user_tokens(store: Store, actor: Actor, username: str, *, client: str | None = None) -> int:
     """Revoke every API token and web session of `username`; returns how many were live."""
     def run(session: Session) -> int:
-        me = refreshed(session, actor)
+        me = refreshed(session, actor, "token.revoke")
         if username != me.username and me.role != "admin":
             raise PermissionDenied(f"{me.username} may revoke only their own tokens", "token.revoke", "user",
                                    username)
@@ -346,7 +403,7 @@ def revoke_user_tokens(store: Store, actor: Actor, username: str, *, client: str
 
 def list_api_tokens(store: Store, actor: Actor, username: str | None = None) -> list[TokenInfo]:
     def run(session: Session) -> list[TokenInfo]:
-        me = refreshed(session, actor)
+        me = refreshed(session, actor, "token.list")
         name = username or me.username
         if name != me.username and me.role != "admin":
             raise PermissionDenied(f"{me.username} may list only their own API tokens", "token.list", "user", name)

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from apps.store.core import Actor, Store
-from apps.store.errors import AuthenticationError, PermissionDenied, StoreError
+from apps.store.errors import AuthenticationError, PasswordChangeRequired, PermissionDenied, StoreError
 from apps.store.models import AuditEvent as AuditRow
 from apps.store.models import User, utcnow
 
@@ -53,8 +53,13 @@ def record(session: Session, actor: Actor | None, action: str, object_type: str 
     ))
 
 
-def current_user(session: Session, actor: Actor) -> User | None:
-    """The acting user's row, checked active (None for the system operator)."""
+def current_user(session: Session, actor: Actor, action: str = "", *, one_time_password_ok: bool = False
+                 ) -> User | None:
+    """The acting user's row, checked active and past its one-time password (None for the system operator).
+
+    `one_time_password_ok`: for the only things an account with a one-time password may do (open a session after
+    logging in, change the password).
+    """
     if not isinstance(actor, Actor):
         raise StoreError(f"actor: expected an apps.store.Actor, found {type(actor).__name__}")
     if actor.is_system:
@@ -64,18 +69,23 @@ def current_user(session: Session, actor: Actor) -> User | None:
         raise AuthenticationError(f"user {actor.username!r} no longer exists; log in again")
     if not user.active:
         raise AuthenticationError(f"user {actor.username!r} is disabled")
+    if user.must_change_password and not one_time_password_ok:
+        raise PasswordChangeRequired(
+            f"{actor.username} must change the one-time password before anything else: log in to the web UI, or "
+            "POST /api/v1/me/password with current_password and new_password", action or "unknown", "user",
+            actor.username)
     return user
 
 
-def refreshed(session: Session, actor: Actor) -> Actor:
+def refreshed(session: Session, actor: Actor, action: str = "") -> Actor:
     """The actor with the role and site the database holds now."""
-    user = current_user(session, actor)
+    user = current_user(session, actor, action)
     return actor if user is None else Actor(user.id, user.username, user.role, user.site)
 
 
 def require_role(session: Session, actor: Actor, roles: tuple[str, ...], action: str,
                  object_type: str | None = None, object_id: Any = None) -> Actor:
-    now = refreshed(session, actor)
+    now = refreshed(session, actor, action)
     if now.role not in roles:
         raise PermissionDenied(f"{now.username} ({now.role}) is not allowed {action}: needs the role "
                                f"{' or '.join(roles)}", action, object_type, object_id)

@@ -51,6 +51,8 @@ class Actor:
     username: str
     role: str
     site: str
+    # As the account stood when this Actor was made (log-in, session or token check); the store re-reads the row.
+    must_change_password: bool = dataclasses.field(default=False, compare=False)
 
     @classmethod
     def system(cls) -> Actor:

@@ -2,7 +2,8 @@
 
 Visibility: a clinician sees the studies they own or that were shared with them or with their site; an admin sees
 every study; an engineer none. Reports: draft -> final (signed by any clinician who can see the study; immutable)
--> amended (a new signed version pointing at the one it corrects). Only a draft's author may edit it.
+-> amended (a new version pointing at the one it corrects, open for edits by its author until it is signed, then
+immutable too). Only the author of an open version (a draft or an unsigned amendment) may edit it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class ReportInfo:
     amend_reason: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+
+    @property
+    def is_open(self) -> bool:
+        """Still changing: a draft, or an amendment not signed yet (its author may edit it; a clinician signs it)."""
+        return self.status == "draft" or (self.status == "amended" and self.signer is None)
 
 
 # --- validation and access -------------------------------------------------------------------------------------
@@ -349,6 +355,11 @@ def list_voice_notes(store: Store, actor: Actor, study_id: int, *, client: str |
 # --- reports ---------------------------------------------------------------------------------------------------
 
 
+def is_open(report: Report) -> bool:
+    """A version that can still change: a draft, or an amendment not signed yet."""
+    return report.status == "draft" or (report.status == "amended" and report.signer_id is None)
+
+
 def _latest(session: Session, study_id: int) -> Report | None:
     return session.scalars(select(Report).where(Report.study_id == study_id)
                            .order_by(Report.version.desc()).limit(1)).first()
@@ -366,9 +377,9 @@ def create_draft_report(store: Store, actor: Actor, study_id: int, content: dict
     def run(session: Session) -> ReportInfo:
         me, study = study_for(session, actor, study_id, "report.draft", roles=("clinician",))
         latest = _latest(session, study.id)
-        if latest is not None and latest.status == "draft":
-            raise InvalidTransition(f"study {study.id} already has an open draft (report {latest.id}, version "
-                                    f"{latest.version}); edit or sign it")
+        if latest is not None and is_open(latest):
+            raise InvalidTransition(f"study {study.id} already has an open {latest.status} (report {latest.id}, "
+                                    f"version {latest.version}); edit or sign it")
         if latest is not None:
             raise InvalidTransition(f"study {study.id} already has a signed report (report {latest.id}, "
                                     f"{latest.status}); amend it instead of drafting anew")
@@ -394,9 +405,9 @@ def edit_draft(store: Store, actor: Actor, report_id: int, content: dict, *,
 
     def run(session: Session) -> ReportInfo:
         me, report = report_for(session, actor, report_id, "report.edit", roles=("clinician",))
-        if report.status != "draft":
-            raise InvalidTransition(f"report {report_id} is {report.status}: a signed report is immutable; "
-                                    "amend it instead")
+        if not is_open(report):
+            raise InvalidTransition(f"report {report_id} is {report.status} and signed: a signed report is "
+                                    "immutable; amend it instead")
         if report.author_id != me.user_id:
             raise PermissionDenied(f"{me.username} may not edit report {report_id}: only its author "
                                    f"{_username(session, report.author_id)} can", "report.edit", "report", report_id)
@@ -412,12 +423,15 @@ def edit_draft(store: Store, actor: Actor, report_id: int, content: dict, *,
 def sign_report(store: Store, actor: Actor, report_id: int, *, client: str | None = None) -> ReportInfo:
     def run(session: Session) -> ReportInfo:
         me, report = report_for(session, actor, report_id, "report.sign", roles=("clinician",))
-        if report.status != "draft":
-            raise InvalidTransition(f"report {report_id} is already {report.status}; only a draft can be signed")
+        if not is_open(report):
+            raise InvalidTransition(f"report {report_id} is already {report.status} and signed; only a draft or an "
+                                    "unsigned amendment can be signed")
         now = utcnow()
-        report.status, report.signer_id, report.signed_at, report.updated_at = "final", me.user_id, now, now
+        if report.status == "draft":
+            report.status = "final"  # an amendment keeps its status: a signed amendment
+        report.signer_id, report.signed_at, report.updated_at = me.user_id, now, now
         record(session, me, "report.sign", "report", report_id, client=client,
-               details={"study_id": report.study_id, "version": report.version})
+               details={"study_id": report.study_id, "version": report.version, "status": report.status})
         return report_info(session, report)
 
     return act(store, actor, client, run)
@@ -430,18 +444,20 @@ def amend_report(store: Store, actor: Actor, report_id: int, content: dict, *, r
 
     def run(session: Session) -> ReportInfo:
         me, report = report_for(session, actor, report_id, "report.amend", roles=("clinician",))
-        if report.status == "draft":
-            raise InvalidTransition(f"report {report_id} is a draft; edit or sign it, amendments apply to signed "
+        if is_open(report):
+            kind = "a draft" if report.status == "draft" else "an unsigned amendment"
+            raise InvalidTransition(f"report {report_id} is {kind}; edit or sign it, amendments apply to signed "
                                     "reports")
         latest = _latest(session, report.study_id)
         if latest.id != report.id:
             raise InvalidTransition(f"report {report_id} (version {report.version}) was already amended by report "
                                     f"{latest.id} (version {latest.version}); amend the newest version")
         now = utcnow()
+        # The new version stays open (its author may edit it) until a clinician signs it with sign_report.
         amended = Report(study_id=report.study_id, site=report.site, version=report.version + 1, status="amended",
                          content=content, model_draft=report.model_draft, model_id=report.model_id,
-                         checkpoint_sha256=report.checkpoint_sha256, author_id=me.user_id, signer_id=me.user_id,
-                         signed_at=now, amends_id=report.id, amend_reason=reason, created_at=now, updated_at=now)
+                         checkpoint_sha256=report.checkpoint_sha256, author_id=me.user_id, signer_id=None,
+                         signed_at=None, amends_id=report.id, amend_reason=reason, created_at=now, updated_at=now)
         session.add(amended)
         session.flush()
         record(session, me, "report.amend", "report", amended.id, client=client,

@@ -23,6 +23,10 @@ class PermissionDenied(StoreError, PermissionError):
         self.object_id = None if object_id is None else str(object_id)
 
 
+class PasswordChangeRequired(PermissionDenied):
+    """The account still has its one-time password: only changing it (and logging in) is allowed."""
+
+
 class InvalidTransition(StoreError):
     """A report (or account) cannot move from its current state to the requested one."""
 

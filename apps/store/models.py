@@ -69,6 +69,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     site: Mapped[str] = mapped_column(String(64))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Set for the first-start admin (whose password was printed once): nothing else works until it is changed.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # Lockout bookkeeping: failures counted since `first_failed_at` (one policy window).
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)

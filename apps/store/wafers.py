@@ -86,6 +86,16 @@ class WaferScoreInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class WaferMapRef:
+    """Where a wafer's map is kept: the blob holding it (one blob may hold a whole request's maps)."""
+
+    wafer_id: str
+    source: str
+    slot: int | None
+    map_sha256: str | None  # None when the wafer was registered without its map
+
+
+@dataclasses.dataclass(frozen=True)
 class LotSummary:
     lot_id: str
     product: str
@@ -424,6 +434,25 @@ def scores_for_lot(store: Store, actor: Actor, lot_id: str, *,
     def run(session: Session) -> dict[WaferKey, WaferScoreInfo]:
         _, lot = lot_for(session, actor, lot_id, "lot.view")
         return {(s.source, s.wafer_id): s for s in _newest_scores(session, lot.id, model_id)}
+
+    try:
+        return store.read(run)
+    except PermissionDenied as exc:
+        store.write(lambda s: record(s, actor, exc.action, exc.object_type, exc.object_id, outcome="denied",
+                                     details={"reason": str(exc)}))
+        raise
+
+
+def wafer_map_refs(store: Store, actor: Actor, lot_id: str) -> list[WaferMapRef]:
+    """The map blob of every wafer of the lot, in the order they were added; a read, not audited (the lot report
+    that uses it audits `lot.view` through `lot_summary`)."""
+    check_lot_id(lot_id)
+
+    def run(session: Session) -> list[WaferMapRef]:
+        _, lot = lot_for(session, actor, lot_id, "lot.view")
+        rows = session.execute(select(Wafer.wafer_id, Wafer.source, Wafer.slot, Wafer.map_sha256)
+                               .where(Wafer.lot_pk == lot.id).order_by(Wafer.id))
+        return [WaferMapRef(*row) for row in rows]
 
     try:
         return store.read(run)

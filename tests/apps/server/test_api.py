@@ -52,7 +52,8 @@ def test_tokens_are_required_and_checked(live):
     r = live.get("/api/v1/me", headers={"Authorization": "Bearer not-a-token"})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert error_of(r)["code"] == "unauthenticated"
-    assert live.get("/api/v1/me", "eng").json() == {"username": "eng", "role": "engineer", "site": "main"}
+    assert live.get("/api/v1/me", "eng").json() == {"username": "eng", "role": "engineer", "site": "main",
+                                                     "must_change_password": False}
 
 
 # ----------------------------------------------------------------------------------------------------------- CT
@@ -135,6 +136,102 @@ def test_edit_regrounds_then_sign_once(live, uploaded):
     assert live.patch(f"/api/v1/reports/{rid}", "clin", json={"impression": "x"}).status_code == 409
     fhir = live.get(f"/api/v1/reports/{rid}.fhir", "clin").json()
     assert fhir["status"] == "final"
+
+
+def test_amend_a_signed_report_then_sign_it(live, uploaded):
+    rid, sid = uploaded["report"]["id"], uploaded["study"]["id"]
+    if live.get(f"/api/v1/reports/{rid}", "clin").json()["report"]["status"] == "draft":
+        assert live.post(f"/api/v1/reports/{rid}/sign", "clin").status_code == 200
+    signed = live.get(f"/api/v1/reports/{rid}", "clin").json()
+    m = next(x for x in signed["content"]["measurements"] if x.get("long_axis_mm") or x.get("volume_ml"))
+    field = "long_axis_mm" if m.get("long_axis_mm") else "volume_ml"
+    amend = f"/api/v1/reports/{rid}/amend"
+    no_reason = live.post(amend, "clin", json={"impression": "x"})
+    assert no_reason.status_code == 400 and error_of(no_reason)["message"].startswith("reason: expected why")
+    unknown = live.post(amend, "clin", json={"reason": "r", "colour": "red"})
+    assert unknown.status_code == 400 and "colour" in error_of(unknown)["message"]
+    assert error_of(live.post(amend, "eng", json={"reason": "r"}))["code"] == "forbidden"
+    assert error_of(live.post(amend, "boss", json={"reason": "r"}))["code"] == "forbidden"  # admins sign nothing
+    assert live.post(amend, "clin2", json={"reason": "r"}).status_code == 403  # not their study
+    assert live.post("/api/v1/reports/999999/amend", "clin", json={"reason": "r"}).status_code == 404
+
+    new = round(m[field] + 5.5, 1)
+    r = live.post(amend, "clin", json={"reason": "re-measured on the thin slices", "impression": "Amended: see M-rows.",
+                                       "measurements": {m["id"]: {field: new}}})
+    assert r.status_code == 201, r.text
+    version = r.json()["report"]
+    assert (version["version"], version["status"], version["amends_id"], version["signer"]) == (2, "amended", rid,
+                                                                                                  None)
+    assert version["amend_reason"] == "re-measured on the thin slices" and version["author"] == "clin"
+    content = version["content"]
+    assert content["status"] == "amended" and content["signature"] is None
+    assert content["impression"] == "Amended: see M-rows."
+    edited = next(x for x in content["measurements"] if x["id"] == m["id"])
+    measured = (m.get("measured") or {}).get(field, m[field])  # the scanner's value, kept through every edit
+    assert edited["edited"] is True and edited[field] == new and edited["measured"][field] == measured
+    # The findings still cite the measured size: grounding ran again on the amendment and flags the row.
+    assert any(f["measurement_id"] == m["id"] for f in r.json()["flags"]), r.json()["flags"]
+    # The signed version is untouched, and only the newest signed version can be amended.
+    assert live.get(f"/api/v1/reports/{rid}", "clin").json()["content"]["impression"] == signed["content"]["impression"]
+    again = live.post(amend, "clin", json={"reason": "twice"})
+    assert again.status_code == 409 and "amend the newest version" in error_of(again)["message"]
+    open_one = live.post(f"/api/v1/reports/{version['id']}/amend", "clin", json={"reason": "x"})
+    assert open_one.status_code == 409 and "unsigned amendment" in error_of(open_one)["message"]
+
+    # The open amendment is edited by its author like a draft, then signed; after that it is final too.
+    patched = live.patch(f"/api/v1/reports/{version['id']}", "clin",
+                         json={"recommendation": "Follow-up CT in 3 months."})
+    assert patched.status_code == 200 and patched.json()["report"]["content"]["recommendation"].startswith("Follow")
+    assert live.patch(f"/api/v1/reports/{version['id']}", "clin2", json={"impression": "x"}).status_code == 403
+    fhir = live.get(f"/api/v1/reports/{version['id']}.fhir", "clin").json()
+    assert fhir["status"] == "amended"
+    done = live.post(f"/api/v1/reports/{version['id']}/sign", "clin")
+    assert done.status_code == 200, done.text
+    assert (done.json()["report"]["status"], done.json()["report"]["signer"]) == ("amended", "clin")
+    twice = live.post(f"/api/v1/reports/{version['id']}/sign", "clin")
+    assert twice.status_code == 409 and "already amended and signed" in error_of(twice)["message"]
+    assert live.patch(f"/api/v1/reports/{version['id']}", "clin", json={"impression": "x"}).status_code == 409
+    shown = live.get(f"/api/v1/reports/{version['id']}", "clin").json()["content"]
+    assert shown["signature"]["signer"] == "clin" and shown["status"] == "amended"
+    detail = live.get(f"/api/v1/ct/studies/{sid}", "clin").json()
+    assert [(x["version"], x["status"]) for x in detail["reports"]] == [(1, "final"), (2, "amended")]
+
+    from apps.store import Actor, audit_events
+
+    trail = [(e.action, e.outcome) for e in audit_events(live.store, Actor.system(), object_type="report",
+                                                          object_id=version["id"], limit=100)]
+    assert ("report.amend", "ok") in trail and ("report.sign", "ok") in trail and ("report.edit", "ok") in trail
+
+
+def test_one_time_password_blocks_the_api_until_changed(live):
+    from apps.store import Actor, audit_events, create_api_token, create_user
+
+    create_user(live.store, Actor.system(), "first", "one-time pw 42", "admin", must_change_password=True)
+    auth = {"Authorization": f"Bearer {create_api_token(live.store, Actor.system(), 'first')[0]}"}
+    assert live.get("/api/v1/me", headers=auth).json() == {"username": "first", "role": "admin", "site": "main",
+                                                         "must_change_password": True}
+    for blocked in (live.get("/api/v1/lots", headers=auth), live.get("/api/v1/ct/studies", headers=auth),
+                    live.post("/api/v1/wafers/score", headers=auth, json={"maps": [{"wafer_id": "A", "grid": [[1]]}]})):
+        assert blocked.status_code == 403, blocked.text
+        e = error_of(blocked)
+        assert e["code"] == "password_change_required" and "POST /api/v1/me/password" in e["message"]
+    url = "/api/v1/me/password"
+    wrong = live.post(url, headers=auth, json={"current_password": "not it", "new_password": "a long new secret"})
+    assert wrong.status_code == 403 and error_of(wrong) == {
+        "code": "wrong_password", "message": "password change failed: the current password is wrong"}
+    short = live.post(url, headers=auth, json={"current_password": "one-time pw 42", "new_password": "short"})
+    assert short.status_code == 400 and error_of(short)["message"].startswith("new_password: expected at least 8")
+    missing = live.post(url, headers=auth, json={"new_password": "a long new secret"})
+    assert missing.status_code == 400
+    assert error_of(missing)["message"] == "current_password: expected text, found nothing"
+    assert live.post(url, json={"current_password": "x", "new_password": "y"}).status_code == 401
+    ok = live.post(url, headers=auth, json={"current_password": "one-time pw 42", "new_password": "a long new secret"})
+    assert ok.status_code == 200 and ok.json() == {"username": "first", "must_change_password": False}
+    assert live.get("/api/v1/lots", headers=auth).status_code == 200  # the same token works now
+    assert live.get("/api/v1/me", headers=auth).json()["must_change_password"] is False
+    events = [(e.action, e.outcome) for e in audit_events(live.store, Actor.system(), username="first", limit=100)]
+    assert ("user.password", "failed") in events and ("user.password", "ok") in events
+    assert events.count(("api.request", "denied")) == 3  # the refused calls are in the trail
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

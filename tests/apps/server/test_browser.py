@@ -1,6 +1,7 @@
 """The web UI in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): log in, upload a phantom
-series with a spoken note, generate, edit, sign, download the PDF; score a zip of wafer maps; a second user
-cannot open the first user's files; the page fetches nothing from outside the server.
+series with a spoken note, generate, edit, sign, download the PDF, amend and sign again; score a zip of wafer
+maps; a second user cannot open the first user's files; a one-time password is changed at the first log-in; the
+page fetches nothing from outside the server.
 
 Screenshots of each step go to the test's output folder; with MMCORE_UPDATE_SCREENSHOTS=1 the key ones are also
 copied to docs/screenshots/ (the README's pictures), so an ordinary test run leaves the checkout untouched.
@@ -18,7 +19,8 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
-KEY_SHOTS = {"01-login", "03-draft", "04-edited", "05-signed", "07-wafers", "08-history"}
+KEY_SHOTS = {"00-new-password", "01-login", "03-draft", "04-edited", "05-signed", "05b-amended", "07-wafers",
+             "08-history", "10-admin"}
 PASSWORD = "correct horse 1"
 
 pytestmark = [
@@ -149,17 +151,42 @@ def test_ct_report_flow_in_the_browser(browser, live, phantom_zip_browser, voice
     shot(page2, "06-second-user")
     other.close()
 
-    # History: the report's versions and the diff between the model's draft and the signed text.
+    # Amend the signed report: a new version opens for editing, is saved and signed again.
+    expect(page.locator("#save")).to_be_disabled()
+    page.fill("#amend-reason textarea, #amend-reason input", "Impression reworded after review")
+    page.click("#amend")
+    status.filter(has_text="not signed yet").wait_for(timeout=60_000)
+    assert "version 2" in status.inner_text() and "v1 (report" in status.inner_text()
+    page.fill("#impression textarea", "Amended impression: nodule unchanged.")
+    page.click("#save")
+    page.get_by_text("Version 2 saved").first.wait_for(timeout=60_000)
+    page.click("#sign")
+    status.filter(has_text="amended, signed by clin").wait_for(timeout=60_000)
+    assert "Amended impression" in page.input_value("#impression textarea")
+    shot(page, "05b-amended")
+
+    # History: the report's versions and the diffs (model draft vs signed text, amendment vs the version before).
     page.get_by_role("tab", name="History").click()
     page.click("#hist-refresh")
-    page.locator("#hist-reports [role=gridcell]", has_text="final").first.wait_for(timeout=60_000)
+    page.locator("#hist-reports [role=gridcell]", has_text="amended").first.wait_for(timeout=60_000)
     report_id = report_link.split("/")[-1].split(".")[0]
     page.fill("#diff-id input", report_id)
     page.click("#diff")
     diff = page.locator("#diff-view")
     diff.filter(has_text="model draft").wait_for(timeout=60_000)
     assert "Edited" in diff.inner_text().replace("\xa0", " ")
+    amended_id = str(int(report_id) + 1)  # the next report row (only this test writes reports here)
+    page.fill("#diff-id input", amended_id)
+    page.get_by_label("previous version").check()
+    page.click("#diff")
+    diff.filter(has_text="version 1 vs").wait_for(timeout=60_000)
+    text = diff.inner_text().replace("\xa0", " ")
+    assert "Amended impression" in text and "Edited impression" in text and "reworded after review" in text
     shot(page, "08-history")
+    page.click("#hist-open")  # back to the CT tab with that version: signed, so read-only with Amend offered
+    status.filter(has_text=f"Report {amended_id}, version 2").wait_for(timeout=60_000)
+    expect(page.locator("#amend")).to_be_visible()
+    expect(page.locator("#sign")).to_be_disabled()
 
     hosts = {urlparse(u).hostname for u in seen + other_seen if u.startswith("http")}
     assert hosts == {"127.0.0.1"}, f"requests left the server: {sorted(hosts)}"
@@ -188,6 +215,35 @@ def test_wafer_zip_and_history_in_the_browser(browser, live, wafer_model, helper
     page.click("#hist-refresh")
     page.locator("#hist-lots [role=gridcell]", has_text="LOT-UI-1").first.wait_for(timeout=60_000)
     shot(page, "09-lot-history")
+    hosts = {urlparse(u).hostname for u in seen if u.startswith("http")}
+    assert hosts == {"127.0.0.1"}, f"requests left the server: {sorted(hosts)}"
+    context.close()
+
+
+def test_first_log_in_asks_for_a_new_password(browser, live, tmp_path):
+    from apps.store import Actor, create_user
+
+    create_user(live.store, Actor.system(), "root", "one-time pw 99", "admin", must_change_password=True)
+    shot = Shots(tmp_path)
+    seen: list[str] = []
+    context, page = new_page(browser, live, seen)
+    page.goto(live.url + "/")
+    page.fill("#username", "root")
+    page.fill("#password", "one-time pw 99")
+    page.click("#login")
+    page.wait_for_url("**/password")
+    assert "one-time password" in page.inner_text("main")
+    page.goto(live.url + "/")  # the UI is not reachable before the password is changed
+    assert page.url.endswith("/password")
+    page.fill("#current_password", "one-time pw 99")
+    page.fill("#new_password", "root's own secret")
+    page.fill("#repeat_password", "root's own secret")
+    shot(page, "00-new-password")
+    page.click("#change-password")
+    page.wait_for_selector("text=signed in as", timeout=90_000)
+    page.get_by_role("tab", name="Admin").click()  # the users table fills when the tab opens
+    page.locator("#users [role=gridcell]", has_text="root").first.wait_for(timeout=60_000)
+    shot(page, "10-admin")
     hosts = {urlparse(u).hostname for u in seen if u.startswith("http")}
     assert hosts == {"127.0.0.1"}, f"requests left the server: {sorted(hosts)}"
     context.close()

@@ -143,3 +143,48 @@ def test_ui_files_are_private_to_their_user(live):
     assert requests.get(f"{live.url}/gradio_api/file={path}").status_code == 404  # nor without a session
     db = live.data_dir / "mmcore.db"
     assert first.get(f"{live.url}/gradio_api/file={db}").status_code == 404  # nothing outside the cache
+
+
+def test_first_start_admin_gets_a_one_time_password(tmp_path):
+    import io
+
+    from apps.server.auth import bootstrap_admin
+    from apps.store import Actor, authenticate, list_users, open_store
+
+    with open_store(None, tmp_path) as store:
+        out = io.StringIO()
+        password = bootstrap_admin(store, out=out)
+        assert password and f"one-time password: {password}" in out.getvalue()
+        assert "choose a new password" in out.getvalue()
+        assert [(u.username, u.role, u.must_change_password) for u in list_users(store, Actor.system())] == [
+            ("admin", "admin", True)]
+        assert authenticate(store, "admin", password).must_change_password is True
+        assert bootstrap_admin(store, out=out) is None  # users exist: nothing is created or printed again
+
+
+def test_one_time_password_page_comes_first(live):
+    from apps.store import Actor, create_user
+
+    create_user(live.store, Actor.system(), "first-ui", "one-time pw 77", "admin", must_change_password=True)
+    s = requests.Session()
+    r = s.post(live.url + "/login", data={"username": "first-ui", "password": "one-time pw 77"},
+               allow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/password"
+    home = s.get(live.url + "/", allow_redirects=False)
+    assert home.status_code == 303 and home.headers["location"] == "/password"  # the UI waits for a new password
+    form = s.get(live.url + "/password")
+    assert form.status_code == 200 and "one-time password" in form.text and 'id="new_password"' in form.text
+    differ = s.post(live.url + "/password", data={"current_password": "one-time pw 77", "new_password": "new secret 1",
+                                                  "repeat_password": "new secret 2"})
+    assert differ.status_code == 400 and "differ" in differ.text
+    wrong = s.post(live.url + "/password", data={"current_password": "nope", "new_password": "new secret 1",
+                                                 "repeat_password": "new secret 1"})
+    assert wrong.status_code == 403 and "current password is wrong" in wrong.text
+    short = s.post(live.url + "/password", data={"current_password": "one-time pw 77", "new_password": "short",
+                                                 "repeat_password": "short"})
+    assert short.status_code == 400 and "New password: expected at least 8 characters" in short.text
+    done = s.post(live.url + "/password", data={"current_password": "one-time pw 77", "new_password": "new secret 1",
+                                                "repeat_password": "new secret 1"}, allow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == "/"
+    assert s.get(live.url + "/", allow_redirects=False).status_code == 200  # at once, despite the session cache
+    assert requests.get(live.url + "/password", allow_redirects=False).headers["location"] == "/login"

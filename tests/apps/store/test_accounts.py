@@ -164,3 +164,51 @@ def test_expired_token_and_bulk_revoke(store, people):
 def test_policy_fields_must_be_positive():
     with pytest.raises(ValueError, match="AccountPolicy.max_failed_logins: expected a positive number, found 0"):
         AccountPolicy(max_failed_logins=0)
+
+
+def test_one_time_password_must_be_changed_first(store, audit_log):
+    from apps.store import PasswordChangeRequired, change_password, list_studies
+
+    create_user(store, Actor.system(), "root", "one-time pw 123", "admin", must_change_password=True)
+    me = authenticate(store, "root", "one-time pw 123")
+    assert me.must_change_password is True
+    assert check_session(store, create_session(store, me)).must_change_password is True  # log-in still works
+    token, _ = create_api_token(store, Actor.system(), "root")  # the operator can still issue a token
+    assert check_api_token(store, token).must_change_password is True
+    for attempt in (lambda: list_users(store, me), lambda: list_studies(store, me),
+                    lambda: create_api_token(store, me)):
+        with pytest.raises(PasswordChangeRequired, match="root must change the one-time password before anything"):
+            attempt()
+    assert [u.must_change_password for u in list_users(store, Actor.system())] == [True]
+    with pytest.raises(StoreError, match="new_password: expected at least 8 characters, found 5"):
+        change_password(store, me, "one-time pw 123", "short")
+    with pytest.raises(StoreError, match="new_password: expected a password other than the current one"):
+        change_password(store, me, "one-time pw 123", "one-time pw 123")
+    with pytest.raises(AuthenticationError, match="password change failed: the current password is wrong"):
+        change_password(store, me, "not it at all", "a brand new secret")
+    changed = change_password(store, me, "one-time pw 123", "a brand new secret", client="10.0.0.1")
+    assert changed.must_change_password is False and changed == me
+    assert [u.username for u in list_users(store, changed)] == ["root"]  # everything works now
+    assert check_api_token(store, token).must_change_password is False  # tokens stay valid
+    with pytest.raises(AuthenticationError):
+        authenticate(store, "root", "one-time pw 123")
+    assert authenticate(store, "root", "a brand new secret").must_change_password is False
+    events = [(e.action, e.outcome) for e in audit_log(username="root") if e.action != "login"]
+    assert events == [("session.create", "ok"), ("user.list", "denied"), ("study.list", "denied"),
+                      ("token.create", "denied"), ("user.password", "failed"), ("user.password", "ok")]
+    assert audit_log(action="user.password")[-1].details == {"was_one_time": True}
+
+
+def test_wrong_current_passwords_count_toward_lockout(store, people):
+    from apps.store import change_password
+
+    for _ in range(4):
+        with pytest.raises(AuthenticationError) as info:
+            change_password(store, people["dr_a"], "guess guess", "a brand new secret")
+        assert not isinstance(info.value, AccountLocked)
+    with pytest.raises(AccountLocked, match="password change failed: account 'dr_a' is now locked"):
+        change_password(store, people["dr_a"], "guess guess", "a brand new secret")
+    with pytest.raises(AccountLocked, match="is locked until"):  # the right password does not help now
+        change_password(store, people["dr_a"], PASSWORD, "a brand new secret")
+    with pytest.raises(StoreError, match="the system operator has no password"):
+        change_password(store, Actor.system(), PASSWORD, "a brand new secret")

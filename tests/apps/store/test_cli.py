@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from apps import cli
-from apps.store import Actor, AuthenticationError, authenticate, check_api_token, open_store
+from apps.store import Actor, AuthenticationError, authenticate, check_api_token, create_user, open_store
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def test_db_upgrade_creates_the_database(run, tmp_path):
     code, out, err = run("db", "upgrade")
     db = tmp_path / "mmcore.db"
     assert code == 0, err
-    assert db.is_file() and out.strip() == f"sqlite:///{db}: upgraded from empty to revision 0002 (newest)"
-    assert run("db", "upgrade")[1].strip() == f"sqlite:///{db}: already at revision 0002 (newest)"
+    assert db.is_file() and out.strip() == f"sqlite:///{db}: upgraded from empty to revision 0003 (newest)"
+    assert run("db", "upgrade")[1].strip() == f"sqlite:///{db}: already at revision 0003 (newest)"
 
 
 def test_users_add_reads_a_piped_password(tmp_path):
@@ -58,13 +58,15 @@ def test_users_token_list_revoke(run, tmp_path):
     assert token not in out
     with open_store(None, tmp_path) as store:
         assert check_api_token(store, token) == Actor(1, "alice", "engineer", "fab2")
+        create_user(store, Actor.system(), "admin", "printed once 1", "admin", must_change_password=True)
+    assert "admin  admin     main  one-time password (change it at the first log-in)" in run("users", "list")[1]
     assert run("users", "revoke", "alice")[1].strip() == "revoked 1 live token(s) and session(s) of alice"
     with open_store(None, tmp_path) as store, pytest.raises(AuthenticationError, match="revoked"):
         check_api_token(store, token)
     assert run("users", "disable", "alice")[1].strip() == "user alice disabled"
     assert "alice  engineer  fab2  disabled" in run("users", "list")[1]
     code, out, _ = run("db", "current")
-    assert code == 0 and "revision 0002 (newest)" in out
+    assert code == 0 and "revision 0003 (newest)" in out
 
 
 def test_cli_errors_are_one_line(run):
@@ -90,4 +92,4 @@ def test_db_current_on_the_test_postgres(request, run):
     url = request.getfixturevalue("pg_schema_url")
     code, out, err = run("db", "current", "--db", url)
     assert code == 0, err
-    assert "revision 0002 (newest)" in out and "search_path" in out
+    assert "revision 0003 (newest)" in out and "search_path" in out

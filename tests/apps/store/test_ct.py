@@ -92,23 +92,44 @@ def test_report_life_cycle(store, people, study, audit_log):
     assert (final.status, final.signer, final.author) == ("final", "dr_b", "dr_a") and final.signed_at
     with pytest.raises(InvalidTransition, match="a signed report is immutable; amend it"):
         edit_draft(store, people["dr_a"], draft.id, draft_content("too late"))
-    with pytest.raises(InvalidTransition, match="already final; only a draft can be signed"):
+    with pytest.raises(InvalidTransition, match="already final and signed; only a draft or an unsigned amendment"):
         sign_report(store, people["dr_a"], draft.id)
     with pytest.raises(InvalidTransition, match="already has a signed report"):
         create_draft_report(store, people["dr_a"], study.id, draft_content(), model_id=None, checkpoint_sha256=None)
     amended = amend_report(store, people["dr_b"], final.id, draft_content("3 mm nodule."), reason="size corrected")
-    assert (amended.version, amended.status, amended.amends_id, amended.signer) == (2, "amended", final.id, "dr_b")
+    assert (amended.version, amended.status, amended.amends_id, amended.amend_reason) == (
+        2, "amended", final.id, "size corrected")
+    assert (amended.author, amended.signer, amended.signed_at) == ("dr_b", None, None)  # open until signed
     assert amended.model_draft == draft_content() and amended.checkpoint_sha256 == CHECKPOINT
     with pytest.raises(InvalidTransition, match="already amended by report .* amend the newest version"):
         amend_report(store, people["dr_a"], final.id, draft_content(), reason="again")
+    with pytest.raises(InvalidTransition, match="is an unsigned amendment; edit or sign it"):
+        amend_report(store, people["dr_b"], amended.id, draft_content(), reason="again")
+    with pytest.raises(InvalidTransition, match="already has an open amended"):
+        create_draft_report(store, people["dr_a"], study.id, draft_content(), model_id=None, checkpoint_sha256=None)
+    with pytest.raises(PermissionDenied, match="only its author dr_b"):
+        edit_draft(store, people["dr_a"], amended.id, draft_content("4 mm nodule."))
+    assert edit_draft(store, people["dr_b"], amended.id, draft_content("4 mm nodule.")).content["findings"] == \
+        "4 mm nodule."
+    signed = sign_report(store, people["dr_a"], amended.id)  # any clinician who can see the study may sign it
+    assert (signed.status, signed.signer, signed.author) == ("amended", "dr_a", "dr_b") and signed.signed_at
+    with pytest.raises(InvalidTransition, match="already amended and signed"):
+        sign_report(store, people["dr_a"], amended.id)
+    with pytest.raises(InvalidTransition, match="a signed report is immutable"):
+        edit_draft(store, people["dr_b"], amended.id, draft_content("5 mm nodule."))
+    third = amend_report(store, people["dr_a"], amended.id, draft_content("5 mm nodule."), reason="re-measured")
+    assert (third.version, third.amends_id) == (3, amended.id)
     assert get_report(store, people["dr_a"], final.id).content["findings"] == "2 mm nodule, right upper lobe."
-    assert [(r.version, r.status) for r in list_reports(store, people["dr_b"], study.id)] == [
-        (1, "final"), (2, "amended")]
+    assert [(r.version, r.status, r.signer) for r in list_reports(store, people["dr_b"], study.id)] == [
+        (1, "final", "dr_b"), (2, "amended", "dr_a"), (3, "amended", None)]
     trail = [(e.username, e.action, e.object_id) for e in audit_log(object_type="report") if e.outcome == "ok"]
     assert trail == [("dr_a", "report.draft", str(draft.id)), ("dr_a", "report.edit", str(draft.id)),
                      ("dr_b", "report.sign", str(draft.id)), ("dr_b", "report.amend", str(amended.id)),
-                     ("dr_a", "report.view", str(final.id))]
+                     ("dr_b", "report.edit", str(amended.id)), ("dr_a", "report.sign", str(amended.id)),
+                     ("dr_a", "report.amend", str(third.id)), ("dr_a", "report.view", str(final.id))]
     assert audit_log(action="report.edit")[0].details == {"changed_fields": ["findings"]}
+    signs = [e.details for e in audit_log(action="report.sign") if e.outcome == "ok"]
+    assert signs[1] == {"study_id": study.id, "version": 2, "status": "amended"}
 
 
 def test_drafts_cannot_be_amended_or_doubled(store, people, study):

@@ -28,14 +28,14 @@ def test_empty_database_is_upgraded_on_first_open(tmp_path):
     try:
         assert (tmp_path / "fresh" / "mmcore.db").is_file()
         assert set(inspect(store.engine).get_table_names()) == TABLES
-        assert migrate.current_revision(store.engine) == migrate.head_revision() == "0002"
+        assert migrate.current_revision(store.engine) == migrate.head_revision() == "0003"
         assert (tmp_path / "fresh" / "blobs" / "tmp").is_dir()
     finally:
         store.close()
 
 
 def test_open_without_upgrade_names_the_command(tmp_path):
-    with pytest.raises(StoreError, match=r"schema none \(empty\), expected 0002: run `mmcore db upgrade`"):
+    with pytest.raises(StoreError, match=r"schema none \(empty\), expected 0003: run `mmcore db upgrade`"):
         open_store(None, tmp_path, upgrade=False)
 
 
@@ -65,7 +65,7 @@ def test_downgrade_to_base_and_back(tmp_path):
         with engine.begin() as conn:
             command.downgrade(migrate.alembic_config(conn), "base")
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}
-        assert migrate.upgrade(engine) == "0002"
+        assert migrate.upgrade(engine) == "0003"
         assert set(inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
@@ -99,7 +99,8 @@ def test_audit_trail_is_append_only(store):
 
 
 def test_upgrade_keeps_and_fills_existing_rows(backend, request, tmp_path):
-    """A database at 0001 holding a report moves to head: reports.site is filled from the study, nothing is lost."""
+    """A database at 0001 holding a report moves to head: reports.site is filled from the study,
+    users.must_change_password with false, nothing is lost."""
     if backend == "postgresql":
         import uuid
 
@@ -127,6 +128,8 @@ def test_upgrade_keeps_and_fills_existing_rows(backend, request, tmp_path):
         assert migrate.upgrade(engine) == migrate.head_revision()
         with engine.connect() as conn:
             assert conn.execute(text("SELECT id, site, status FROM reports")).all() == [(3, "north", "draft")]
+            # Accounts from before 0003 chose their own passwords: none is asked to change it.
+            assert conn.execute(text("SELECT username, must_change_password FROM users")).all() == [("dr_a", False)]
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
                                     Base.metadata) == []

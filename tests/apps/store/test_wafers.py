@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import func, select
 
 from apps.store import (Actor, ConflictError, NewWafer, NewWaferScore, NotFoundError, PermissionDenied, StoreError,
-                        add_wafer_scores, add_wafers, get_or_create_lot, list_lots, lot_summary, scores_for_lot)
+                        WaferMapRef, add_wafer_scores, add_wafers, get_or_create_lot, list_lots, lot_summary,
+                        scores_for_lot, wafer_map_refs)
 from apps.store.models import Wafer, WaferScore
 
 CLASSES = ("Center", "Donut", "Edge-Ring", "none")
@@ -127,6 +128,33 @@ def test_add_wafers_with_maps(store, people):
         assert session.scalars(select(Wafer.map_sha256).where(Wafer.wafer_id == "W01")).one() == grid
     with pytest.raises(NotFoundError, match=r"wafers\[0\].map_sha256: blob .* is not in the store"):
         add_wafers(store, eng, "LOT-M", [NewWafer("W04", "d.npy", map_sha256="f" * 64)])
+
+
+def test_wafer_map_refs(store, people, audit_log):
+    eng = people["eng_north"]
+    get_or_create_lot(store, eng, "LOT-R")
+    bundle = store.put_blob(b"two maps in one blob")
+    add_wafers(store, eng, "LOT-R", [NewWafer("W02", "req1.zip::W02.npy", 2, bundle),
+                                     NewWafer("W01", "req1.zip::W01.npy", 1, bundle), NewWafer("W09", "x.npy")])
+    add_wafer_scores(store, eng, "LOT-R", [score(7, "late.npy")])  # a wafer first seen with its score: no map
+    # Sorted by (source, wafer_id) on insert, so the ids follow that order within a call.
+    assert wafer_map_refs(store, eng, "LOT-R") == [
+        WaferMapRef("W01", "req1.zip::W01.npy", 1, bundle), WaferMapRef("W02", "req1.zip::W02.npy", 2, bundle),
+        WaferMapRef("W09", "x.npy", None, None), WaferMapRef("W007", "late.npy", 8, None)]
+    assert [r.wafer_id for r in wafer_map_refs(store, people["admin"], "LOT-R")] == ["W01", "W02", "W09", "W007"]
+    get_or_create_lot(store, people["eng_south"], "LOT-EMPTY")
+    assert wafer_map_refs(store, people["eng_south"], "LOT-EMPTY") == []
+    with pytest.raises(PermissionDenied, match="lot.view on lot LOT-R: it belongs to site north"):
+        wafer_map_refs(store, people["eng_south"], "LOT-R")
+    with pytest.raises(PermissionDenied, match="needs the role engineer or admin"):
+        wafer_map_refs(store, people["dr_a"], "LOT-R")
+    with pytest.raises(NotFoundError, match="lot 'LOT-NONE': no such lot"):
+        wafer_map_refs(store, eng, "LOT-NONE")
+    with pytest.raises(StoreError, match="lot_id '../x'"):
+        wafer_map_refs(store, eng, "../x")
+    denied = [(e.username, e.action, e.object_id) for e in audit_log() if e.outcome == "denied"]
+    assert denied == [("eng_south", "lot.view", "LOT-R"), ("dr_a", "lot.view", "LOT-R")]
+    assert not [e for e in audit_log(action="lot.view") if e.outcome == "ok"]  # a read: not audited
 
 
 def test_concurrent_writers_and_readers(store, people):
