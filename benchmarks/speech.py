@@ -2,7 +2,9 @@
 openai-whisper when its base checkpoint is on this machine (it is never downloaded here).
 
 RTF = transcription wall time / audio duration (lower is faster; 0.15 means a 20 s note takes 3 s). The notes are
-espeak-ng dictations of the evaluation sentences; timings are medians of interleaved repeats.
+espeak-ng dictations of the evaluation sentences, transcribed as the app does (medical biasing and term correction
+on); timings are medians of interleaved repeats with the model loaded once. Wall time depends on whatever else the
+machine runs, so the process CPU time per audio second and the load average before and after are reported too.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def run(args) -> dict:
             cpu_s[name].append(time.process_time() - t0)
         return fn
 
+    load_before = os.getloadavg()[0]
     times = time_interleaved({name: transcribe_all(name) for name in engines}, repeats=args.repeats, warmup=1)
+    load_after = os.getloadavg()[0]
     refs = [t for t, _ in notes]
     metrics = {
         "rtf_int8": round(times["int8"] / audio_s, 4),
@@ -98,6 +102,10 @@ def run(args) -> dict:
         "notes": len(notes),
         "note_seconds": [round(len(s) / 16000, 1) for _, s in notes],
         "threads": threads,
+        # 1-minute load average (runnable processes) on this machine; above `threads` the wall-clock RTFs are
+        # inflated by other work, and the CPU-time RTFs are the ones to compare
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(load_after, 2),
         "model": f"whisper base ({base.source})",
     }
     if "openai_whisper" in texts:

@@ -12,11 +12,12 @@ import os
 import pickle
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pipelines.speech.audio import SAMPLE_RATE, Audio
+from pipelines.speech.correction import Correction, correct_terms
 from pipelines.speech.errors import EngineError
 from pipelines.speech.lexicon import CLINICAL_LEXICON, Lexicon
 from pipelines.speech.models import ENGINES, ResolvedModel, resolve_model
@@ -24,7 +25,10 @@ from pipelines.speech.models import ENGINES, ResolvedModel, resolve_model
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper reads 30 s windows
 FRAME_SAMPLES = 320  # one encoder output frame = 20 ms (hop 10 ms, then a stride-2 convolution)
 BEAM_SIZE = 5
-TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # fallback when a decode looks like a loop or is too unlikely
+# Beam search only, no sampling fallback. Whisper re-decodes at rising temperatures when a window looks like a loop
+# or is too unlikely; on the noisy dictations that fired on most windows, doubled decoding time, and in every note
+# compared still ended on the temperature-0 text (the most likely of all attempts).
+TEMPERATURES = (0.0,)
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Transcript:
     model: str
     duration_s: float  # audio length
     transcribe_s: float  # wall time of the transcription alone
-    biased: bool  # whether the medical lexicon steered decoding
+    biased: bool  # whether the medical lexicon steered decoding and corrected near-miss terms
+    corrections: list[Correction] = field(default_factory=list)  # lexicon terms restored after decoding
 
     @property
     def rtf(self) -> float:
@@ -74,15 +79,20 @@ class Transcriber(ABC):
 
     def transcribe(self, audio: Audio | np.ndarray, *, language: str | None = None,
                    lexicon: Lexicon | None = CLINICAL_LEXICON) -> Transcript:
-        """Transcribe a decoded note; `lexicon=None` turns medical biasing off."""
+        """Transcribe a decoded note; `lexicon=None` turns medical biasing and term correction off."""
         samples = _samples(audio)
         t0 = time.perf_counter()
         lang, prob, segments = self._transcribe(samples, language, lexicon)
+        corrections: list[Correction] = []
+        if lexicon is not None:
+            for seg in segments:
+                seg.text, fixed = correct_terms(seg.text, lexicon.terms)
+                corrections += fixed
         elapsed = time.perf_counter() - t0
         text = " ".join(s.text.strip() for s in segments if s.text.strip())
         return Transcript(text=text, language=lang, language_probability=prob, segments=segments, engine=self.engine,
                           model=self.model_id, duration_s=round(len(samples) / SAMPLE_RATE, 3),
-                          transcribe_s=round(elapsed, 4), biased=lexicon is not None)
+                          transcribe_s=round(elapsed, 4), biased=lexicon is not None, corrections=corrections)
 
     def encode(self, audio: Audio | np.ndarray) -> np.ndarray:
         """Encoder output for the whole note: (T, d_model) float32, one row per 20 ms, padding frames dropped."""
@@ -128,8 +138,11 @@ class FasterWhisperTranscriber(Transcriber):
         return self._d_model
 
     def _transcribe(self, samples, language, lexicon):
+        # Text tokens only, so one segment per 30 s window: timestamp tokens cost decoding steps, and without them
+        # the noisy dictations came out with fewer errors (measured together with the hot words; docs/speech.md).
         segments, info = self.model.transcribe(
-            samples, language=language, beam_size=self.beam_size, vad_filter=False,
+            samples, language=language, beam_size=self.beam_size, temperature=list(TEMPERATURES),
+            without_timestamps=True, vad_filter=False,
             initial_prompt=lexicon.initial_prompt if lexicon else None,
             hotwords=lexicon.hotwords if lexicon else None)
         out = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip()) for s in segments]  # decoding happens here

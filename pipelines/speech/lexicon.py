@@ -23,22 +23,24 @@ CHEST_CT_TERMS = (
     "right lower lobe", "left upper lobe", "left lower lobe", "lingula", "apices", "bilateral",
 )
 
-# Written like the opening of a chest-CT note so Whisper expects prose, not a list; it carries every term above
-# in ~210 Whisper tokens, inside the 223-token prompt budget.
+# Written as dictated prose, in whole sentences with their articles, so Whisper expects a spoken note rather than a
+# list (after a list-like prompt it dropped the "A" that opens many notes); it carries every term above in ~214
+# Whisper tokens, inside the 223-token prompt budget.
 CHEST_CT_PROMPT = (
-    "Chest CT voice note. Clinical question, history and findings: solid, part-solid and ground-glass nodules, "
-    "spiculated or calcified, a granuloma, a mass suspicious for malignancy, pulmonary metastases. "
-    "Right upper lobe, right middle lobe, right lower lobe, left upper lobe, lingula, left lower lobe, lung apices "
-    "and bases. Bilateral pleural effusions, pericardial effusion, pneumothorax, pulmonary embolism. "
-    "Consolidation, atelectasis, bronchiectasis, bronchial wall thickening; the trachea and bronchi are patent. "
-    "Centrilobular and paraseptal emphysema. Subpleural reticulation, honeycombing, interstitial fibrosis. "
-    "Cardiomegaly. The mediastinum; mediastinal and hilar lymphadenopathy. Fleischner Society, Lung-RADS."
+    "Chest CT voice note. There is a solid nodule, a part-solid nodule and a ground-glass nodule, one spiculated and "
+    "one calcified, likely a granuloma. A mass is suspicious for malignancy or metastases. Right upper lobe, right "
+    "middle lobe, right lower lobe, left upper lobe, lingula and left lower lobe, at the apices. There are bilateral "
+    "pleural effusions and a pericardial effusion, no pneumothorax and no pulmonary embolism. There is consolidation "
+    "with atelectasis, bronchiectasis and bronchial wall thickening; the trachea and bronchi are clear. A "
+    "centrilobular and paraseptal emphysema. Subpleural reticulation and honeycombing, interstitial fibrosis. "
+    "Cardiomegaly. The mediastinum shows mediastinal and hilar lymphadenopathy. Fleischner Society."
 )
 
-# The words the base model most often turns into everyday ones ("plural", "module", "flesh or"); kept short
-# because hot words and prompt share the decoder's context with the text being written.
-CHEST_CT_HOTWORDS = ("nodule", "pleural", "emphysema", "mediastinum", "lymphadenopathy", "Fleischner",
-                     "spiculated", "atelectasis")
+# The words the base model most often turns into everyday ones or breaks apart ("module", "plural",
+# "a telectasis", "bronchi ectasis"); kept short because hot words and prompt share the decoder's context with the
+# text being written.
+CHEST_CT_HOTWORDS = ("nodule", "pleural", "atelectasis", "bronchiectasis", "emphysema", "mediastinum",
+                     "lymphadenopathy", "Fleischner", "spiculated", "consolidation")
 
 
 @dataclass(frozen=True)

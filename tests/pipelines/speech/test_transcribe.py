@@ -46,6 +46,13 @@ def test_language_is_detected_when_not_given(base_transcriber, dictate):
     assert set(payload["segments"][0]) == {"start", "end", "text"}
 
 
+def test_the_lexicon_prompt_fits_whisper_prompt_budget(base_transcriber):
+    # faster-whisper keeps only the last 223 prompt tokens (half the 448-token decoder context, minus one)
+    tokenizer = base_transcriber.model.hf_tokenizer
+    n_tokens = len(tokenizer.encode(" " + CLINICAL_LEXICON.initial_prompt).ids)
+    assert 150 < n_tokens <= 223
+
+
 def test_features_are_encoder_states_per_20_ms(base_transcriber, dictate):
     samples = dictate(SENTENCES[0])
     feats = base_transcriber.encode(samples)
