@@ -292,6 +292,11 @@ class Trainer:
         if self.is_main:
             card = {**self.card, "steps": self.step, "train_config": self.cfg.to_dict(),
                     "world_size": self.world_size, "metrics": metrics or self.card.get("metrics", {})}
+            # Wall time of this run's fit() so far (a resumed run counts from its restart) and where it ran.
+            started = getattr(self, "_fit_started", None)
+            if started is not None:
+                card.update(train_seconds=round(time.perf_counter() - started, 1), device=str(self.device),
+                            torch_threads=torch.get_num_threads())
             self.card = card
             self.save_fn(self.model, self.out_dir, card)
             self.save_state()
@@ -311,6 +316,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="train",
                    dynamic_ncols=True)
         metrics, loss, started, window = {}, float("nan"), time.perf_counter(), []
+        self._fit_started = started
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()

@@ -39,6 +39,9 @@ PLEURAL_SIZE_ML = (300.0, 1000.0)
 PERICARDIAL_SIZE_ML = (100.0, 500.0)
 NO_LUNGS_ML = 100.0  # less segmented lung than this (both sides, mL) means the lungs are not in the field of view
 MAX_LISTED_NODULES = 8  # the template names this many nodules one by one; the rest are summarised by count
+# A model-written narrative gets its sizes replaced by the measured values (each change flagged "size_corrected"):
+# the measurement is the record, and a clinician sees every correction.
+MODEL_SIZE_POLICY = "replace"
 
 
 class ReportError(CTError):
@@ -736,7 +739,8 @@ def draft_report(source, *, series_uid: str | None = None, voice=None, transcrib
         warnings += model_flags
     report = timed("ground", build_report, findings, metadata=volume.metadata, header=header, lung_volume_ml=lung_ml,
                    spacing_zyx=volume.spacing_zyx, scan_length_mm=length, slice_refs=refs, transcript=transcript,
-                   warnings=warnings, model=model, measured=ok, critical_rules=critical_rules, narrative=narrative)
+                   warnings=warnings, model=model, measured=ok, critical_rules=critical_rules, narrative=narrative,
+                   size_policy=MODEL_SIZE_POLICY if narrative is not None else "check")
     stages["total"] = round(time.perf_counter() - started, 4)
     return report, result
 

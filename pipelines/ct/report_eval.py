@@ -144,7 +144,7 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
              device: str = "cpu", progress=None) -> dict:
     from pipelines.ct.measure import measure
     from pipelines.ct.phantom import make_phantom
-    from pipelines.ct.report import build_report, measurements_from_findings, write_narrative
+    from pipelines.ct.report import MODEL_SIZE_POLICY, build_report, measurements_from_findings, write_narrative
     from pipelines.ct.report_model import ReportModel, measurement_dicts, volume_grid
 
     writer = ReportModel.load(checkpoint, device=device)
@@ -171,7 +171,7 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
         report = build_report(found.findings, metadata=phantom.volume.metadata,
                               lung_volume_ml=sum(found.lung_volume_ml.values()),
                               spacing_zyx=phantom.volume.spacing_zyx, model=writer.info(),
-                              narrative=(full.findings, full.impression))
+                              narrative=(full.findings, full.impression), size_policy=MODEL_SIZE_POLICY)
         for f in report.flags:
             flag_counts[f.kind] = flag_counts.get(f.kind, 0) + 1
         unflagged += unflagged_size_mismatches(report)

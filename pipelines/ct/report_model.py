@@ -30,6 +30,9 @@ HU_SCALE = 1000.0
 MAX_INDICATION_CHARS = 240  # longer dictations keep their first sentences in the prompt (the transcript is kept whole)
 MAX_AUDIO_FRAMES = 2048 * 8  # Whisper frames (20 ms) the bridge's audio positions cover at pool stride 8 (~5.4 min)
 MAX_NEW_TOKENS = 320
+# Measured findings listed in the prompt: the first ones in TYPE_ORDER, largest first. More than this (a scan with
+# many nodules) are not shown to the model; grounding flags each of them as measured but not mentioned.
+MAX_PROMPT_FINDINGS = 12
 WITHHELD = "withheld"  # the prompt's measured list when measurements are deliberately kept from the model
 # Section keys the model writes, and the report fields they fill.
 SECTIONS = {"lungs": "lungs_airways", "pleura": "pleura", "heart": "heart_pericardium", "impression": "impression"}
@@ -107,7 +110,8 @@ def prompt_text(measurements: list[dict] | None, indication: str | None = None) 
     if measurements is None:
         measured = WITHHELD
     else:
-        measured = " | ".join(describe_measurement(m) for m in sorted(measurements, key=_sort_key)) or "none"
+        listed = sorted(measurements, key=_sort_key)[:MAX_PROMPT_FINDINGS]
+        measured = " | ".join(describe_measurement(m) for m in listed) or "none"
     note = " ".join((indication or "").split())
     if len(note) > MAX_INDICATION_CHARS:
         note = note[:MAX_INDICATION_CHARS].rsplit(" ", 1)[0]
@@ -257,9 +261,15 @@ class ReportModel:
         ids, mask = tok.batch_encode(prompts, add_bos=True, padding_side="left")
         ids = torch.cat([ids, torch.full((len(prompts), 1), tok.sep_id)], 1)
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.bool)], 1)
+        # The prefix (bridge queries) and the prompt share the context with the narrative.
+        room = self.model.cfg.lm.max_seq_len - self.model.cfg.bridge.n_queries - ids.shape[1]
+        if room < 16:
+            raise ReportModelError(f"prompt: {ids.shape[1]} tokens leave no room for a narrative within "
+                                   f"max_seq_len={self.model.cfg.lm.max_seq_len}")
         with torch.inference_mode():
             out = self.model.generate(model_inputs(grids, audio), ids, attention_mask=mask,
-                                      max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
+                                      max_new_tokens=min(max_new_tokens, room), stop_tokens=(tok.eos_id,),
+                                      pad_id=tok.pad_id)
         seconds = (time.perf_counter() - start) / max(len(prompts), 1)
         drafts = []
         for row in out:

@@ -241,3 +241,25 @@ def test_layout_errors_name_the_missing_path(root, tmp_path):
     write_csv(bad / "radiology_text_reports" / "train_reports.csv", ["VolumeName", "Findings"], [["x", "y"]])
     with pytest.raises(CTRateError, match=r"train_reports\.csv: missing column\(s\) Findings_EN, Impressions_EN"):
         CTRateDataset(bad, "train")
+
+
+def test_ct_report_recipe_trains_on_the_ct_rate_layout(root, tmp_path):
+    """`mmcore train ct-report --data ROOT`: readable studies become cases (unreadable ones are skipped), the
+    radiologist's findings are routed into the target sections, and a checkpoint is written."""
+    import json
+
+    import pipelines.ct.train  # noqa: F401  (registers the recipe)
+    from mmcore.train import get_recipe, run_recipe
+    from pipelines.ct.train import ctrate_cases
+
+    cases = ctrate_cases(str(root), tmp_path / "cache")
+    assert len(cases) == 3  # train_1, train_2, train_3; train_4 (no metadata) and train_5 (corrupt) skipped
+    targets = sorted(case["target"] for _, case in cases)
+    assert any(t.startswith("lungs: Emphysema. |") and t.endswith("impression: Emphysema, mild.") for t in targets)
+    assert all(grid.shape == (64, 64, 64) for grid, _ in cases)
+    recipe = get_recipe("ct-report", data=str(root), cache=str(tmp_path / "cache"), eval_phantoms="0", audio="0")
+    run_recipe(recipe, tmp_path / "run", steps=2, batch_size=2, progress=False)
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert card["synthetic"] is False and str(root) in card["training_data"] and card["steps"] == 2
+    assert config["extra"]["task"] == "ct-report"
