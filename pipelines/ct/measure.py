@@ -14,8 +14,11 @@ Pipeline (all thresholds in HU, all sizes in mm so results do not depend on the 
   nodules   dense (> -700 HU) voxels in the lungs; vessels are suppressed by ball openings at three radii
             (a ball rolls through blobs, not through thinner tubes) followed by shape tests: elongation (PCA), contact
             with the hilum / pleura, and how much of the dense tissue around the blob belongs to it (vessel junctions
-            leave compact residues that are surrounded by tube). Size is measured at the half-contrast threshold on an
-            interpolated axial section through the centre: long axis, perpendicular short axis, their mean.
+            leave compact residues that are surrounded by tube). A nodule fused with a vessel of its own width stays
+            joined to it at every radius; a Hessian blob filter (local maxima of the 1.5 mm Gaussian whose curvature
+            is about equal in all three directions) finds it, and a ball of its inscribed radius cuts it out. Size is
+            measured at the half-contrast threshold on an interpolated axial section through the centre: long axis,
+            perpendicular short axis, their mean.
   effusions fluid-density (-25..25 HU) regions thicker than a few mm: pleural next to a lung outside the mediastinum,
             pericardial inside it.
 """
@@ -43,6 +46,20 @@ CALCIFIED_HU = 300.0  # a blob whose brightest voxels exceed this is calcified
 MAX_DENSE_SHELL = 0.3  # share of a blob's outer shell that may be soft tissue (vessels)
 JUNCTION_MAX_RADIUS_MM = 6.0  # blobs with a larger equivalent radius skip the vessel-junction test
 GGO_SHELL_MM = 2.0  # ground-glass rim (mm) beyond blur that makes a nodule part-solid
+# Blob filter for solid nodules fused with a vessel (the openings keep them joined to the tube): Gaussian scale (mm),
+# least / most downward curvature, least curvature times sigma^2 (HU), minimum smoothed peak HU and contrast over the
+# local parenchyma, inscribed radius (mm), and the sphere (a multiple of that radius, + 1 mm) on which at most
+# BLOB_MAX_SHELL of the voxels may be dense; the blob is cut out at BLOB_CUT_SCALE times its radius (+ 1 mm).
+BLOB_SIGMAS_MM = (1.5,)
+BLOB_MIN_RATIO = 0.6
+BLOB_MIN_STRENGTH_HU = 80.0
+BLOB_MIN_HU = -400.0
+BLOB_MIN_CONTRAST_HU = 500.0
+BLOB_MIN_RADIUS_MM = 2.2
+BLOB_SHELL_SCALE = 2.0
+BLOB_MAX_SHELL = 0.2
+BLOB_CUT_SCALE = 1.0
+BLOB_PATCH_MM = 14.0
 EMPHYSEMA_REPORT_PERCENT = 6.0  # LAA-950 above which emphysema is reported as a finding
 MIN_EFFUSION_ML = 15.0
 EFFUSION_REGROW_VOXELS = 3  # geodesic regrowth after the opening (voxels)
@@ -387,23 +404,117 @@ def detect_nodules(smooth, raw, lungs, envelope, spacing, signs, lung_frames, mi
                     continue
             accepted.append({"centre": centre, "r_eq": r_eq, "obj": obj, "lab": lab, "labels": labels,
                              "radius": radius})
+    for a in accepted:
+        a["blob"] = a.pop("labels")[a["obj"]] == a.pop("lab")
+    accepted += _blob_candidates(D, dense, aerated, spacing, accepted)
     out = []
     offset = np.asarray(offset)
     for a in accepted:
-        f = _measure_nodule(a, D, raw, lung, spacing, offset, signs, lung_frames, mid)
+        f = _measure_nodule(a["blob"], a["obj"], D, raw, lung, spacing, offset, signs, lung_frames, mid)
         if f is not None:
             out.append(f)
     return out
 
 
-def _measure_nodule(a, D, raw, lung, spacing, offset, signs, lung_frames, mid) -> Finding | None:
+def _hessian_at(s: np.ndarray, points: np.ndarray, spacing) -> np.ndarray:
+    """Hessian (HU / mm^2) of `s` at interior voxel `points` (N, 3) by central differences, shape (N, 3, 3)."""
+    h = np.empty((len(points), 3, 3), dtype=np.float64)
+    unit = np.eye(3, dtype=int)
+    centre = s[tuple(points.T)].astype(np.float64)
+    for i in range(3):
+        plus, minus = tuple(points.T + unit[i][:, None]), tuple(points.T - unit[i][:, None])
+        h[:, i, i] = (s[plus] - 2 * centre + s[minus]) / spacing[i] ** 2
+        for j in range(i + 1, 3):
+            e = unit[i] + unit[j]
+            f = unit[i] - unit[j]
+            pp, mm = tuple(points.T + e[:, None]), tuple(points.T - e[:, None])
+            pm, mp = tuple(points.T + f[:, None]), tuple(points.T - f[:, None])
+            h[:, i, j] = h[:, j, i] = (s[pp] + s[mm] - s[pm] - s[mp]) / (4 * spacing[i] * spacing[j])
+    return h
+
+
+def _blob_points(D: np.ndarray, aerated: np.ndarray, spacing) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Bright blobs at the scales of small nodules: local maxima of the Gaussian-smoothed HU whose Hessian curves
+    down in all three directions about equally (a tube is flat along its axis, a plate along two). Returns
+    (voxel, sigma_mm, eigenvalues ascending) per point."""
     from scipy import ndimage
 
-    obj, labels, lab = a["obj"], a["labels"], a["lab"]
+    out = []
+    for sigma in BLOB_SIGMAS_MM:
+        s = ndimage.gaussian_filter(D, _sigma_vox(sigma, spacing))
+        peak = s > BLOB_MIN_HU
+        peak &= aerated
+        peak[[0, -1]] = False
+        peak[:, [0, -1]] = False
+        peak[:, :, [0, -1]] = False
+        points = np.argwhere(peak)
+        if not len(points):
+            continue
+        # Local maxima among the 26 neighbours, tested only at the bright voxels.
+        value = s[tuple(points.T)]
+        keep = np.ones(len(points), dtype=bool)
+        for dz in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if dz or dy or dx:
+                        keep &= value >= s[points[:, 0] + dz, points[:, 1] + dy, points[:, 2] + dx]
+        points = points[keep]
+        if not len(points):
+            continue
+        ev = np.linalg.eigvalsh(_hessian_at(s, points, spacing))  # ascending: ev[:, 0] curves down the most
+        blob = (ev[:, 2] < 0) & (ev[:, 2] / ev[:, 0] > BLOB_MIN_RATIO) & (-ev[:, 2] * sigma ** 2 > BLOB_MIN_STRENGTH_HU)
+        out += [(p, sigma, e) for p, e in zip(points[blob], ev[blob])]
+    return out
+
+
+def _blob_candidates(D, dense, aerated, spacing, accepted) -> list[dict]:
+    """Nodules the openings miss (small or faint ones, or ones fused with a vessel): blob points from
+    `_blob_points`, each cut out of its surroundings by a ball of its own inscribed radius."""
+    from scipy import ndimage
+
+    out: list[dict] = []
+    half = np.ceil(BLOB_PATCH_MM / spacing).astype(int)
+    for point, sigma, ev in _blob_points(D, aerated, spacing):
+        centre = point * spacing
+        if any(np.linalg.norm(centre - a["centre"]) < a["r_eq"] + 3 for a in accepted + out):
+            continue
+        lo = np.maximum(point - half, 0)
+        hi = np.minimum(point + half + 1, D.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        d = D[box]
+        p = tuple(point - lo)
+        background = float(np.median(d[~dense[box]])) if (~dense[box]).sum() > 10 else -850.0
+        peak = float(d[p])
+        if peak - background < BLOB_MIN_CONTRAST_HU:
+            continue
+        threshold = 0.5 * (background + peak)
+        labels, _ = ndimage.label(d > threshold)
+        region = labels == labels[p]
+        radius = float(ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1, 1:-1][p])
+        if radius < BLOB_MIN_RADIUS_MM:
+            continue
+        grid = np.meshgrid(*[(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, point, spacing)], indexing="ij")
+        dist = np.sqrt(sum(g * g for g in grid))
+        # Dense tissue on a sphere well outside the blob: a nodule is wrapped in aerated lung with a few vessels
+        # touching it, a vessel bend or junction is crossed by its tubes.
+        sphere = np.abs(dist - BLOB_SHELL_SCALE * radius - 1.0) <= 0.5 * max(spacing)
+        if not sphere.any() or (d[sphere] > threshold).mean() > BLOB_MAX_SHELL:
+            continue
+        blob = region & (dist <= BLOB_CUT_SCALE * radius + 1.0)
+        obj = tuple(slice(a, b) for a, b in zip(lo, hi))
+        out.append({"centre": centre, "r_eq": radius, "obj": obj, "blob": blob})
+    return out
+
+
+def _measure_nodule(blob_in_obj, obj, D, raw, lung, spacing, offset, signs, lung_frames, mid) -> Finding | None:
+    """Size, density and place of one candidate: `blob_in_obj` is its mask over the crop region `obj`."""
+    from scipy import ndimage
+
     m = (3, 5, 5)
     box = tuple(slice(max(s.start - mm, 0), min(s.stop + mm, n)) for s, mm, n in zip(obj, m, D.shape))
     d = D[box]
-    blob = labels[box] == lab
+    blob = np.zeros(d.shape, dtype=bool)
+    blob[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(obj, box))] = blob_in_obj
     raw_box = raw[box]
     near = ndimage.binary_dilation(blob, iterations=1)
     parenchyma = lung[box] & ~ndimage.binary_dilation(blob, iterations=3) & (d < DENSE_HU)
