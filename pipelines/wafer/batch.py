@@ -158,7 +158,7 @@ def score_ray(items: Iterable[WaferMap | WaferReadError], checkpoint, *, batch_s
         if wafers:
             # One block per model batch (at least one per actor), one column "data"; order is preserved end to end.
             n_blocks = max(concurrency, -(-len(wafers) // batch_size))
-            ds = ray.data.from_numpy(np.array_split(x.astype(np.float32), min(n_blocks, len(wafers))))
+            ds = ray.data.from_numpy(np.array_split(x, min(n_blocks, len(wafers))))  # float32 already: no copy
             ds = ds.map_batches(WaferScorer, fn_constructor_kwargs={"checkpoint": str(checkpoint), "device": device,
                                                                     "threads": 1},
                                 compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size,

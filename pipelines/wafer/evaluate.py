@@ -1,7 +1,8 @@
 """Evaluation of a wafer scoring model on held-out synthetic maps (seeds disjoint from training).
 
 - 9-class task (maps with one pattern or none): macro-F1, per-class recall, confusion matrix (rows = truth).
-- Mixed maps: exact match of the predicted pattern set (each pattern's probability >= 0.5) with the truth.
+- Mixed maps: exact match of the predicted pattern set (each pattern's probability at or above its decision threshold,
+  fitted on held-out maps after training) with the truth.
 - ECE of the 9-class prediction's confidence.
 - Unseen patterns (reticle repeater, half-wafer failure: in no training map): recall of the anomaly flag, and the
   false-alarm rate of the same flag on held-out maps of known classes, `none` included.
@@ -48,15 +49,18 @@ def model_probs(model, inputs: np.ndarray, temperature: torch.Tensor) -> tuple[n
     return probs[:, :-1], probs[:, -1], emb
 
 
-def known_class_metrics(model, data: WaferSet, temperature: torch.Tensor) -> dict:
-    """macro_f1, per_class_recall, confusion, mixed_exact_match, ece on a labelled set."""
+def known_class_metrics(model, data: WaferSet, temperature: torch.Tensor,
+                        pattern_threshold: np.ndarray | None = None) -> dict:
+    """macro_f1, per_class_recall, confusion, mixed_exact_match, ece on a labelled set (pattern sets cut at
+    `pattern_threshold`, (K,); 0.5 each when None)."""
     probs, defect, _ = model_probs(model, data.inputs, temperature)
+    cut = np.full(probs.shape[1], 0.5) if pattern_threshold is None else np.asarray(pattern_threshold)
     truth = data.class_index()
     single = truth >= 0
     pred, conf = predictions(probs, defect)
     macro_f1, recall, confusion = f1_scores(truth[single], pred[single], len(CLASSES))
     mixed = ~single
-    exact = ((probs[mixed] >= 0.5) == (data.targets[mixed] >= 0.5)).all(1)
+    exact = ((probs[mixed] >= cut) == (data.targets[mixed] >= 0.5)).all(1)
     return {"macro_f1": round(macro_f1, 4),
             "per_class_recall": {c: round(r, 4) for c, r in zip(CLASSES, recall)},
             "confusion": confusion,
@@ -95,14 +99,15 @@ def evaluate_checkpoint(checkpoint, n: int = 1800, seed: int = EVAL_SEED, device
     scorer = WaferScorer(checkpoint, device=device)
     # Single classes and `none` equally often, plus a quarter of mixtures (as in training, other seeds).
     data = synthetic_set(n, seed, scorer.size, scorer.classes, mixed_fraction=0.25)
-    metrics = known_class_metrics(scorer.net, data, scorer.temperature.cpu())
+    metrics = known_class_metrics(scorer.net, data, scorer.temperature.cpu(), scorer.pattern_threshold)
     metrics.update(unseen_metrics(scorer, n_known=n // 2, n_unseen=max(n // 4, 100), seed=seed))
     if linear_checkpoint is not None:
         probe = WaferScorer(linear_checkpoint, device=device)
         if probe.meta.get("head") != "linear":
             raise WaferError(f"{linear_checkpoint}: not a linear-head ablation checkpoint (train it with "
                              f"`mmcore train wafer --option head=linear`)")
-        metrics["linear_head_macro_f1"] = known_class_metrics(probe.net, data, probe.temperature.cpu())["macro_f1"]
+        metrics["linear_head_macro_f1"] = known_class_metrics(probe.net, data, probe.temperature.cpu(),
+                                                              probe.pattern_threshold)["macro_f1"]
         metrics["linear_head_steps"] = probe.card.get("steps")
     else:
         metrics["linear_head_macro_f1"] = linear_head_macro_f1(scorer, data, linear_steps, progress)
@@ -130,7 +135,7 @@ def linear_head_macro_f1(scorer, data: WaferSet, steps: int | None, progress: bo
     train_cfg = dict(card.get("train_config") or {})
     steps = int(steps or card.get("steps") or train_cfg.get("steps") or 700)
     recipe = WaferRecipe(n_train=card.get("train_maps", 16_000), n_holdout=card.get("holdout_maps", 3_000),
-                         size=scorer.size, head="linear",
+                         mixed_fraction=card.get("mixed_fraction", 0.25), size=scorer.size, head="linear",
                          encoder=scorer.net.core.cfg.image.model_name)
     overrides = {k: train_cfg[k] for k in ("batch_size", "lr", "warmup_steps", "weight_decay", "min_lr_ratio", "seed")
                  if k in train_cfg}

@@ -4,6 +4,8 @@ Geometry: a grid of rows x cols dies (25..64 each) holds a circular wafer; in no
 (x, y in [-1, 1], row 0 at the top, notch at the bottom) a die exists when its centre has radius r <= 1.
 Each pattern is a per-die fail probability; a mixture fails a die when any of its patterns does
 (p = 1 - (1 - p0) * prod(1 - p_k)), with p0 the background random fail rate in [0.01, 0.05].
+A mixture's label names only patterns one can see: a pattern whose expected fails are mostly covered by the other
+patterns (a Loc blob lying on a Donut's ring) is drawn again, so every label of a mixed map is identifiable.
 
 Everything is drawn from one `numpy.random.Generator`, so a seed reproduces a whole set.
 """
@@ -19,6 +21,8 @@ from pipelines.wafer.maps import CLASSES, FAIL, NO_DIE, PASS, PATTERNS, WaferMap
 
 MIN_SIZE, MAX_SIZE = 25, 64  # dies per side
 BACKGROUND = (0.01, 0.05)  # background random fail probability per die
+MIN_VISIBLE = 0.5  # share of a mixed pattern's expected fails that the mixture's other patterns must leave uncovered
+REDRAWS = 10  # attempts to place a covered pattern elsewhere before keeping the last draw
 # MixedWM38's 29 mixtures: at most one of Center/Donut, at most one of Edge-Loc/Edge-Ring, optional Loc and Scratch,
 # two to four patterns in all (Near-full and Random never mix).
 MIXTURES = tuple(
@@ -132,6 +136,28 @@ GENERATORS: dict[str, Callable[[Geometry, np.random.Generator], np.ndarray]] = {
 }
 
 
+def visible_share(probs: Sequence[np.ndarray], k: int, on_wafer: np.ndarray) -> float:
+    """Share of pattern k's expected fails (on the wafer) that no other pattern of the mixture would also fail."""
+    others = np.ones(on_wafer.shape)
+    for j, p in enumerate(probs):
+        if j != k:
+            others *= 1.0 - p
+    own = float((probs[k] * on_wafer).sum())
+    return float((probs[k] * others * on_wafer).sum()) / own if own > 0 else 0.0
+
+
+def pattern_probs(patterns: Sequence[str], g: Geometry, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per-die fail probability of each pattern; in a mixture, covered patterns are redrawn (MIN_VISIBLE)."""
+    probs = [GENERATORS[name](g, rng) for name in patterns]
+    for _ in range(REDRAWS if len(patterns) > 1 else 0):
+        covered = [k for k in range(len(probs)) if visible_share(probs, k, g.on_wafer) < MIN_VISIBLE]
+        if not covered:
+            break
+        for k in covered:
+            probs[k] = GENERATORS[patterns[k]](g, rng)
+    return probs
+
+
 def synth_grid(patterns: Sequence[str], rows: int, cols: int, rng: np.random.Generator,
                background: float | None = None) -> np.ndarray:
     """One (rows, cols) uint8 grid with `patterns` (empty = `none`) over background random fails."""
@@ -143,8 +169,8 @@ def synth_grid(patterns: Sequence[str], rows: int, cols: int, rng: np.random.Gen
     g = Geometry(rows, cols)
     p0 = rng.uniform(*BACKGROUND) if background is None else background
     survive = np.full(g.r.shape, 1.0 - p0)
-    for name in patterns:
-        survive *= 1.0 - GENERATORS[name](g, rng)
+    for p in pattern_probs(patterns, g, rng):
+        survive *= 1.0 - p
     fails = rng.random(g.r.shape) > survive
     return np.where(g.on_wafer, np.where(fails, FAIL, PASS), NO_DIE).astype(np.uint8)
 

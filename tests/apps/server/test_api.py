@@ -7,6 +7,8 @@ import zipfile
 
 import pytest
 
+from pipelines.ct.report_model import DEFAULT_CHECKPOINT, ReportModel
+
 
 def error_of(response) -> dict:
     body = response.json()
@@ -62,9 +64,12 @@ def test_upload_gives_study_and_grounded_draft(live, uploaded, voice_note):
     study, report = uploaded["study"], uploaded["report"]
     assert study["owner"] == "clin" and study["series"][0]["slice_count"] == 40
     assert len(study["series"][0]["blobs"]) == 40 and study["patient_pseudonym"].startswith("ANON-")
-    assert report["status"] == "draft" and report["model_id"] == "template"
+    # the shipped report model drafts the narrative (the template writer only when no checkpoint loads)
+    shipped = ReportModel.load(DEFAULT_CHECKPOINT).model_id
+    assert report["status"] == "draft" and report["model_id"] == shipped
     content = report["content"]
-    assert content["model"]["id"] == "template" and content["measurements"]
+    assert content["model"]["id"] == shipped and content["model"]["checkpoint_sha256"] and content["measurements"]
+    assert not [f for f in content["flags"] if f["kind"] == "model"]
     assert all(m["id"].startswith("M") for m in content["measurements"])
     if voice_note is not None:
         assert "smoking" in content["indication"]["transcript"].lower() or \

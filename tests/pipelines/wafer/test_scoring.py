@@ -6,8 +6,9 @@ import torch
 
 from pipelines.wafer.dataset import batch_input
 from pipelines.wafer.maps import CLASSES, PATTERNS, WaferError
-from pipelines.wafer.scoring import (AnomalyModel, ProductThresholds, Thresholds, WaferScorer,
-                                     expected_calibration_error, fit_temperature, read_wafer_meta)
+from pipelines.wafer.scoring import (N_LAG_ORBITS, AnomalyModel, ProductThresholds, Scores, Thresholds, WaferScorer,
+                                     expected_calibration_error, fail_autocorrelation, fit_pattern_thresholds,
+                                     fit_temperature, read_wafer_meta)
 from pipelines.wafer.synth import generate
 
 
@@ -45,6 +46,48 @@ def test_anomaly_model_ranks_far_points_high():
     np.testing.assert_allclose(reloaded.score(held[:50]).numpy(), model.score(held[:50]).numpy(), atol=0.02)
 
 
+def test_anomaly_views_flag_a_point_unusual_in_either_view():
+    g = torch.Generator().manual_seed(3)
+    # View 0: 3 features at scale 1; view 1: 2 features at scale 1e-3 (as autocorrelations sit beside embeddings).
+    def sample(n, shift=(0.0, 0.0)):
+        return torch.cat([torch.randn(n, 3, generator=g) + shift[0], 1e-3 * (torch.randn(n, 2, generator=g) + shift[1])], 1)
+    model = AnomalyModel.fit(sample(800), ["none"] * 800, view_sizes=(3, 2))
+    model.calibrate(sample(1000))
+    assert 0.003 < (model.score(sample(2000)).numpy() >= 0.99).mean() < 0.03
+    assert (model.score(sample(20, shift=(0.0, 8.0))).numpy() > 0.99).all()  # far only in the small-scale view
+    assert (model.score(sample(20, shift=(8.0, 0.0))).numpy() > 0.99).all()
+    assert model.view_distances(sample(4)).shape == (4, 2)
+    with pytest.raises(ValueError, match="expected 5 columns"):
+        model.score(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="view_sizes"):
+        AnomalyModel.fit(sample(10), ["none"] * 10, view_sizes=(3, 3))
+    with pytest.raises(WaferError, match="no anomaly calibration"):
+        AnomalyModel.from_tensors({"wafer.anomaly.view0.means": torch.zeros(1, 2)})
+    # A checkpoint from before views (one shared-covariance view) scores exactly as it did.
+    single = model.views[0]
+    legacy = AnomalyModel.from_tensors({"wafer.anomaly.means": single["means"],
+                                        "wafer.anomaly.whiten": single["whiten"] / single["spread"][:, None],
+                                        "wafer.anomaly.center": single["center"],
+                                        "wafer.anomaly.quantiles": model.quantiles * single["unit"]})
+    x = sample(50)
+    torch.testing.assert_close(legacy.distance(x[:, :3]), model.view_distances(x)[:, 0] * single["unit"])
+
+
+def test_fail_autocorrelation_sees_a_lattice_and_keeps_the_symmetry():
+    rng = np.random.default_rng(5)
+    on = np.hypot(*np.mgrid[-15.5:16, -15.5:16]) < 16
+    random_fails = np.where(on, np.where(rng.random((32, 32)) < 0.08, 2, 1), 0)
+    rows, cols = np.indices((32, 32))
+    lattice = np.where(on, np.where((rows % 4 == 0) & (cols % 4 == 0), 2, 1), 0)
+    x = torch.as_tensor(batch_input([random_fails, lattice]))
+    a = fail_autocorrelation(x)
+    assert a.shape == (2, N_LAG_ORBITS)
+    lag_0_4 = [(a_, b_) for b_ in range(1, 7) for a_ in range(b_ + 1)].index((0, 4))
+    assert abs(float(a[0, lag_0_4])) < 0.1 and float(a[1, lag_0_4]) > 0.6
+    for turned in (torch.rot90(x, 1, (2, 3)), torch.flip(x, (3,))):
+        torch.testing.assert_close(fail_autocorrelation(turned), a, atol=1e-4, rtol=1e-4)
+
+
 def test_temperature_and_ece():
     g = torch.Generator().manual_seed(1)
     truth = torch.randint(0, 2, (4000, 1), generator=g).float()
@@ -61,6 +104,24 @@ def test_temperature_and_ece():
     assert expected_calibration_error(np.array([0.9, 0.9]), np.array([1, 0])) == pytest.approx(0.4)
 
 
+def test_pattern_thresholds_are_fitted_per_pattern():
+    rng = np.random.default_rng(2)
+    truth = np.zeros((2000, 2))
+    truth[:, 0] = rng.random(2000) < 0.5
+    truth[:, 1] = rng.random(2000) < 0.5
+    truth[truth.sum(1) == 0, 0] = 1  # every map carries a pattern
+    # Pattern 0 separates at 0.5; pattern 1's positives score only 0.3-0.45 (a pattern the model under-rates).
+    probs = np.stack([np.where(truth[:, 0] > 0, 0.8, 0.2),
+                      np.where(truth[:, 1] > 0, rng.uniform(0.3, 0.45, 2000), rng.uniform(0.0, 0.2, 2000))], 1)
+    cut = fit_pattern_thresholds(probs, truth)
+    assert cut[0] == pytest.approx(0.5) and 0.2 < cut[1] <= 0.3
+    assert fit_pattern_thresholds(probs[:0], truth[:0]).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="expected equal shapes"):
+        fit_pattern_thresholds(probs, truth[:, :1])
+    scores = Scores(("A", "B"), probs[:3], np.ones(3), np.zeros(3), pattern_threshold=cut)
+    assert [scores.labels(i) for i in range(3)] == [tuple(n for n, t in zip("AB", truth[i]) if t) for i in range(3)]
+
+
 def test_scorer_loads_the_checkpoint_and_scores(wafer_checkpoint):
     meta = read_wafer_meta(wafer_checkpoint)
     assert meta["classes"] == list(PATTERNS) and meta["input_size"] == 32
@@ -73,6 +134,8 @@ def test_scorer_loads_the_checkpoint_and_scores(wafer_checkpoint):
     grids = [w.grid for w in generate(6, seed=3)]
     s = scorer.score_grids(grids)
     assert s.pattern_probs.shape == (6, 8) and s.defect.shape == s.anomaly.shape == (6,)
+    cut = s.pattern_threshold  # fitted on 0.05..0.95, stored as float16
+    assert cut.shape == (8,) and ((0.049 <= cut) & (cut <= 0.951)).all()
     assert ((0 <= s.anomaly) & (s.anomaly <= 1)).all() and ((0 <= s.defect) & (s.defect <= 1)).all()
     probs = s.class_probs(0)
     assert list(probs) == list(CLASSES) and probs["none"] == pytest.approx(1 - s.defect[0])
@@ -96,3 +159,21 @@ def test_scorer_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text('{"extra": {}}')
     with pytest.raises(WaferError, match="no 'wafer' section"):
         read_wafer_meta(tmp_path)
+
+
+def test_recipe_starts_from_a_checkpoint_and_rejects_a_mismatch(wafer_checkpoint, tmp_path):
+    from mmcore.errors import InputError
+    from pipelines.wafer.train import WaferRecipe
+
+    net = WaferRecipe(init=str(wafer_checkpoint)).build_model(None)
+    scorer = WaferScorer(wafer_checkpoint)
+    torch.testing.assert_close(net.head.weight, scorer.net.head.weight)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(net.eval().embed(x), scorer.net.embed(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="init: .* has head 'core'; this run needs 'linear'"):
+        WaferRecipe(init=str(wafer_checkpoint), head="linear").build_model(None)
+    with pytest.raises(InputError, match="not a checkpoint folder"):
+        WaferRecipe(init=str(tmp_path))
+    with pytest.raises(InputError, match="mixed_fraction: expected 0..1"):
+        WaferRecipe(mixed_fraction="1.5")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pipelines.wafer.maps import FAIL, NO_DIE, PATTERNS
-from pipelines.wafer.synth import (GENERATORS, MIXTURES, NOVEL_PATTERNS, Geometry, generate, label_pool, synth_grid,
-                                   write_dataset)
+from pipelines.wafer.synth import (GENERATORS, MIN_VISIBLE, MIXTURES, NOVEL_PATTERNS, Geometry, generate, label_pool,
+                                   pattern_probs, synth_grid, visible_share, write_dataset)
 
 
 def fail_rate(grid, region):
@@ -60,6 +60,30 @@ def test_each_pattern_fails_where_its_definition_says(seed):
     assert len(set(np.diff(rows_with_fails))) == 1
     half = grids["Half"]
     assert 0.3 < fail_rate(half, g.on_wafer) < 0.65
+
+
+def test_visible_share_counts_only_uncovered_fails():
+    on = np.ones((2, 2), bool)
+    ring = np.array([[1.0, 1.0], [0.0, 0.0]])
+    blob_on_ring, blob_apart = np.array([[0.5, 0.0], [0.0, 0.0]]), np.array([[0.0, 0.0], [0.0, 0.5]])
+    assert visible_share([ring, blob_on_ring], 1, on) == 0.0  # every fail of the blob falls where the ring fails
+    assert visible_share([ring, blob_apart], 1, on) == 1.0
+    assert visible_share([ring, blob_on_ring], 0, on) == pytest.approx(0.75)  # (0.5 + 1) / 2
+    assert visible_share([ring, np.zeros((2, 2))], 1, on) == 0.0
+
+
+def test_every_pattern_of_a_mixture_stays_visible():
+    rng = np.random.default_rng(4)
+    shares = []
+    for i in range(150):
+        mixture = MIXTURES[i % len(MIXTURES)]
+        g = Geometry(int(rng.integers(25, 65)), int(rng.integers(25, 65)))
+        probs = pattern_probs(mixture, g, rng)
+        shares += [visible_share(probs, k, g.on_wafer) for k in range(len(mixture))]
+    assert min(shares) >= MIN_VISIBLE
+    # Single patterns are drawn once: the same stream as a bare generator call.
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    np.testing.assert_array_equal(pattern_probs(("Loc",), Geometry(30, 30), a)[0], GENERATORS["Loc"](Geometry(30, 30), b))
 
 
 def test_bad_arguments():
