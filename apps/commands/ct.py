@@ -229,18 +229,21 @@ def cmd_report(args: argparse.Namespace) -> int:
                                     transcriber=transcriber, writer=writer)
     deidentifier = None
     evidence = [i.header for i in ingested.scan.picked.instances]
+    shown = report
     if args.deidentify:
         from pipelines.ct.deid import Deidentifier
 
+        # One key for the printed report and every export, so their UIDs and pseudonyms agree; the exports get the
+        # original report and de-identify it (and the SR's evidence) themselves.
         deidentifier = Deidentifier()
-        report = deidentifier.deidentify_report(report, evidence[0] if evidence else None)
+        shown = deidentifier.deidentify_report(report, evidence[0] if evidence else None)
     written = exports.export_all(report, json_path=args.out, pdf_path=args.pdf, sr_path=args.sr,
                                  fhir_path=args.fhir, volume=ingested.volume, evidence=evidence,
                                  deidentifier=deidentifier)
     if args.json:
-        print_json(report.model_dump(mode="json"))
+        print_json(shown.model_dump(mode="json"))
     else:
-        print(report_summary(report))
+        print(report_summary(shown))
     for kind, path in written.items():
         print(f"wrote {kind}: {path}", file=sys.stderr)
     return 0

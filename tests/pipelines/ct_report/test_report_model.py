@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines.ct.grounding import finding_labels
-from pipelines.ct.report import build_report, draft_report, measurements_from_findings
+from pipelines.ct.grounding import finding_labels, label_text
+from pipelines.ct.report import MODEL_SIZE_POLICY, build_report, draft_report, measurements_from_findings
 from pipelines.ct.report_model import (DEFAULT_CHECKPOINT, GRID, Draft, ReportModel, ReportModelError,
                                        describe_measurement, measurement_dicts, parse_narrative, prompt_text,
                                        target_text, volume_grid)
@@ -196,14 +196,19 @@ def test_model_report_names_the_phantom_findings(study, writer):
 
 
 @needs_checkpoint
-def test_model_uses_the_measured_numbers(study, writer):
+def test_model_numbers_end_as_the_measured_values_and_every_change_is_flagged(study, writer):
     rows = measurement_dicts(measurements_from_findings(study.findings, study.volume.spacing_zyx))
     draft = writer.write_one(volume_grid(study.volume.hu), rows)
     report = build_report(study.findings, metadata=study.volume.metadata, narrative=(draft.findings, draft.impression),
-                          spacing_zyx=study.volume.spacing_zyx, model=writer.info())
+                          spacing_zyx=study.volume.spacing_zyx, model=writer.info(), size_policy=MODEL_SIZE_POLICY)
     effusion = next(m for m in report.measurements if m.kind == "pleural_effusion")
     assert f"{effusion.volume_ml:.0f} mL" in report.narrative()
     assert not [f for f in report.flags if f.kind == "size_mismatch"]
+    said = {v for m in label_text(draft.findings.pleura + " " + draft.impression) if m.type == "pleural_effusion"
+            for v, _, _ in m.volumes_ml}  # what the model itself wrote, before grounding
+    corrected = [f for f in report.flags if f.kind == "size_corrected" and f.measurement_id == effusion.id]
+    if any(abs(v - effusion.volume_ml) > max(5.0, 0.2 * effusion.volume_ml) for v in said):
+        assert corrected  # the model's own number was replaced, and the report says so
 
 
 @needs_checkpoint
