@@ -102,6 +102,17 @@ def act(store: Store, actor: Actor, client: str | None, fn: Callable[[Session], 
         raise
 
 
+def read_or_record_denial(store: Store, actor: Actor, fn: Callable[[Session], T], client: str | None = None) -> T:
+    """Run a read transaction; when it is refused, keep a `denied` event of the attempt (reads that succeed are
+    audited by their caller, or not at all)."""
+    try:
+        return store.read(fn)
+    except PermissionDenied as exc:
+        store.write(lambda s: record(s, actor, exc.action or "unknown", exc.object_type, exc.object_id,
+                                     client=client, outcome="denied", details={"reason": str(exc)}))
+        raise
+
+
 def audit_events(store: Store, actor: Actor, *, username: str | None = None, action: str | None = None,
                  object_type: str | None = None, object_id: Any = None, since: dt.datetime | None = None,
                  until: dt.datetime | None = None, limit: int = 1000, client: str | None = None) -> list[AuditEvent]:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from apps.store.accounts import check_site
-from apps.store.audit import act, record, require_role
+from apps.store.audit import act, read_or_record_denial, record, require_role
 from apps.store.core import Actor, Store
 from apps.store.errors import ConflictError, NotFoundError, PermissionDenied, StoreError
 from apps.store.models import SCORE_STATUSES, Wafer, WaferLot, WaferScore, utcnow
@@ -435,12 +435,7 @@ def scores_for_lot(store: Store, actor: Actor, lot_id: str, *,
         _, lot = lot_for(session, actor, lot_id, "lot.view")
         return {(s.source, s.wafer_id): s for s in _newest_scores(session, lot.id, model_id)}
 
-    try:
-        return store.read(run)
-    except PermissionDenied as exc:
-        store.write(lambda s: record(s, actor, exc.action, exc.object_type, exc.object_id, outcome="denied",
-                                     details={"reason": str(exc)}))
-        raise
+    return read_or_record_denial(store, actor, run)
 
 
 def wafer_map_refs(store: Store, actor: Actor, lot_id: str) -> list[WaferMapRef]:
@@ -454,12 +449,7 @@ def wafer_map_refs(store: Store, actor: Actor, lot_id: str) -> list[WaferMapRef]
                                .where(Wafer.lot_pk == lot.id).order_by(Wafer.id))
         return [WaferMapRef(*row) for row in rows]
 
-    try:
-        return store.read(run)
-    except PermissionDenied as exc:
-        store.write(lambda s: record(s, actor, exc.action, exc.object_type, exc.object_id, outcome="denied",
-                                     details={"reason": str(exc)}))
-        raise
+    return read_or_record_denial(store, actor, run)
 
 
 def lot_summary(store: Store, actor: Actor, lot_id: str, *, client: str | None = None) -> LotSummary:
