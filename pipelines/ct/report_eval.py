@@ -200,7 +200,8 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
     _, no_volume_large = f1_table(rows["no_volume"], LARGE_SCALE)
     return {
         "checkpoint": str(checkpoint), "model": writer.model_id, "n_phantoms": n,
-        "phantom": f"{size}x{size}x{slices} at {thickness:g} mm, seeds {HELD_OUT_SEED_BASE}-{HELD_OUT_SEED_BASE + n - 1}",
+        "phantom": (f"{size}x{size}x{slices} at {thickness:g} mm, "
+                    f"seeds {HELD_OUT_SEED_BASE}-{HELD_OUT_SEED_BASE + n - 1}"),
         "finding_macro_f1": macro, "per_finding": per_finding,
         "encoder_only_f1": encoder_only, "baseline_f1": baseline_f1,
         "ablation": {"full_large_scale_f1": full_large, "no_volume_f1": no_volume_f1,

@@ -98,7 +98,8 @@ def describe_measurement(m: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _sort_key(m: dict):
+def prompt_order(m: dict):
+    """Sort key of a measured finding in the prompt: TYPE_ORDER, then largest first."""
     kind = m.get("kind") or m["type"]
     if kind == "nodule" and (m.get("composition") or "") == "calcified":
         kind = "calcified_granuloma"
@@ -110,7 +111,7 @@ def prompt_text(measurements: list[dict] | None, indication: str | None = None) 
     if measurements is None:
         measured = WITHHELD
     else:
-        listed = sorted(measurements, key=_sort_key)[:MAX_PROMPT_FINDINGS]
+        listed = sorted(measurements, key=prompt_order)[:MAX_PROMPT_FINDINGS]
         measured = " | ".join(describe_measurement(m) for m in listed) or "none"
     note = " ".join((indication or "").split())
     if len(note) > MAX_INDICATION_CHARS:

@@ -1,8 +1,9 @@
 """`mmcore train ct-report`: the report model on synthetic phantom studies (default) or on CT-RATE (`--data ROOT`).
 
-Phantoms: rendered once per seed (PHANTOM_CFG, several scan lengths), reduced to the model's grid and cached on disk
-with their ground truth (`--option cache=DIR`, default ~/.cache/mmcore/ct-report/, see `default_cache`). Half the seeds draw the realistic
-finding mix, half force a random set of findings so that rarer ones (consolidation, cardiomegaly) are well represented.
+Phantoms: rendered once per seed (`phantom_spec`: two scan lengths), reduced to the model's grid and cached on disk
+with their ground truth (`--option cache=DIR`, default under ~/.cache/mmcore/ct-report/, see `default_cache`). Half
+the seeds draw the realistic finding mix, half force a random set of findings so that rarer ones (consolidation,
+cardiomegaly) are well represented.
 
 Each training sample is one cached phantom seen through a simulated measurement module (sizes and volumes with
 measurement noise, small nodules sometimes missed, an occasional false-positive nodule, consolidation and cardiomegaly
@@ -37,7 +38,7 @@ import torch
 from mmcore.errors import InputError
 from mmcore.train import Recipe, TrainConfig, register_recipe
 from pipelines.ct.phantom import FINDING_TYPES, PhantomConfig
-from pipelines.ct.report_model import GRID, HU_SCALE, prompt_text, target_text
+from pipelines.ct.report_model import GRID, HU_SCALE, prompt_order, prompt_text, target_text
 
 TRAIN_SEED_BASE = 200_000  # training phantoms: seeds TRAIN_SEED_BASE .. + phantoms
 VALID_SEED_BASE = 300_000  # the recipe's own end-of-training check
@@ -176,16 +177,10 @@ def simulate_measurements(truth: list[dict], rng: np.random.Generator) -> tuple[
               "diameter_mm": d, "long_axis_mm": d * 1.1, "short_axis_mm": d * 0.9}
         measured.append(fp)
         target.append(fp)
-    measured.sort(key=_prompt_order)
+    measured.sort(key=prompt_order)
     for i, m in enumerate(measured):
         m["id"] = f"M{i + 1}"
     return measured, target
-
-
-def _prompt_order(m: dict):
-    from pipelines.ct.report_model import _sort_key
-
-    return _sort_key(m)
 
 
 def split_sections(sections: dict) -> tuple[str, str, str, str]:
