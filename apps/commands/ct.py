@@ -30,23 +30,20 @@ def register(subparsers) -> None:
     ph.set_defaults(handler=cmd_phantom)
 
     info = ct.add_parser("info", help="list the series in a DICOM folder / files / zip and the one ingest would pick")
-    info.add_argument("input", metavar="INPUT", nargs="+", help="folder, DICOM file(s) or zip")
-    info.add_argument("--series", default=None, metavar="UID", help="pick this SeriesInstanceUID")
+    add_series_arguments(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
 
     me = ct.add_parser("measure", help="ingest a CT series and measure nodules, effusions, emphysema")
-    me.add_argument("input", metavar="INPUT", nargs="+", help="folder, DICOM file(s) or zip")
-    me.add_argument("--series", default=None, metavar="UID", help="pick this SeriesInstanceUID")
+    add_series_arguments(me)
     me.add_argument("--json", action="store_true", help="print one JSON object")
     me.add_argument("--png", default=None, metavar="DIR", help="also write one PNG per finding (lung window, box)")
     me.set_defaults(handler=cmd_measure)
 
     rp = ct.add_parser("report", help="draft a structured report: ingest, measure, report model, grounding, exports")
-    rp.add_argument("input", metavar="INPUT", nargs="+", help="folder, DICOM file(s) or zip")
+    add_series_arguments(rp)
     rp.add_argument("--voice", default=None, metavar="AUDIO",
                     help="voice note (wav, mp3, ogg/opus, webm, m4a, flac): transcript and audio tokens")
-    rp.add_argument("--series", default=None, metavar="UID", help="pick this SeriesInstanceUID")
     writer = rp.add_mutually_exclusive_group()
     writer.add_argument("--model", default=None, metavar="CKPT",
                         help="report checkpoint folder (default: data/checkpoints/ct-report)")
@@ -61,6 +58,12 @@ def register(subparsers) -> None:
                     help="apply the DICOM PS3.15 basic profile to the printed report and every export")
     add_device_argument(rp)
     rp.set_defaults(handler=cmd_report)
+
+
+def add_series_arguments(parser) -> None:
+    """The input every series command takes: a folder, files or a zip, and an optional series override."""
+    parser.add_argument("input", metavar="INPUT", nargs="+", help="folder, DICOM file(s) or zip")
+    parser.add_argument("--series", default=None, metavar="UID", help="pick this SeriesInstanceUID")
 
 
 def register_eval(subparsers) -> None:

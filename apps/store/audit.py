@@ -92,25 +92,26 @@ def require_role(session: Session, actor: Actor, roles: tuple[str, ...], action:
     return now
 
 
-def act(store: Store, actor: Actor, client: str | None, fn: Callable[[Session], T]) -> T:
-    """Run a write transaction; when it is refused, keep a `denied` event of the attempt."""
+def _recording_denial(transaction: Callable[[Callable[[Session], T]], T], store: Store, actor: Actor,
+                      client: str | None, fn: Callable[[Session], T]) -> T:
+    """Run `fn` in `transaction` (store.read or store.write); when it is refused, keep a `denied` event."""
     try:
-        return store.write(fn)
+        return transaction(fn)
     except PermissionDenied as exc:
         store.write(lambda s: record(s, actor, exc.action or "unknown", exc.object_type, exc.object_id,
                                      client=client, outcome="denied", details={"reason": str(exc)}))
         raise
+
+
+def act(store: Store, actor: Actor, client: str | None, fn: Callable[[Session], T]) -> T:
+    """Run a write transaction; when it is refused, keep a `denied` event of the attempt."""
+    return _recording_denial(store.write, store, actor, client, fn)
 
 
 def read_or_record_denial(store: Store, actor: Actor, fn: Callable[[Session], T], client: str | None = None) -> T:
     """Run a read transaction; when it is refused, keep a `denied` event of the attempt (reads that succeed are
     audited by their caller, or not at all)."""
-    try:
-        return store.read(fn)
-    except PermissionDenied as exc:
-        store.write(lambda s: record(s, actor, exc.action or "unknown", exc.object_type, exc.object_id,
-                                     client=client, outcome="denied", details={"reason": str(exc)}))
-        raise
+    return _recording_denial(store.read, store, actor, client, fn)
 
 
 def audit_events(store: Store, actor: Actor, *, username: str | None = None, action: str | None = None,
