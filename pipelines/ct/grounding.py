@@ -9,7 +9,9 @@ Grounding (the check no report generator does by itself):
   - every finding the narrative asserts must be backed by a measurement, else "not_confirmed";
   - every size or volume in the narrative is compared with the measured value; a mismatch is flagged
     ("size_mismatch"), or with size_policy="replace" the number is rewritten and the change flagged
-    ("size_corrected"), so no size mismatch ever goes unflagged.
+    ("size_corrected"), so no size mismatch ever goes unflagged;
+  - with size_policy="replace", a nodule whose numbers match exactly one measured nodule but whose lobe is another
+    gets the measured lobe ("location_corrected"): a writer copies numbers more reliably than anatomy.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from dataclasses import dataclass, field
 
 from pipelines.ct.report import FINDING_TYPES, SYSTEM_TITLES, SYSTEMS, CTReport, Flag, Measurement
 
-GROUNDING_KINDS = ("measured_not_mentioned", "not_confirmed", "size_mismatch", "size_corrected")
-# Flags that describe the current text and are recomputed on every grounding; "size_corrected" records a change
-# made to the text and is kept.
+GROUNDING_KINDS = ("measured_not_mentioned", "not_confirmed", "size_mismatch", "size_corrected", "location_corrected")
+# Flags that describe the current text and are recomputed on every grounding; "size_corrected" and
+# "location_corrected" record changes made to the text and are kept.
 STATE_KINDS = ("measured_not_mentioned", "not_confirmed", "size_mismatch")
 
 # Tolerances for a narrative number to agree with a measurement: mm sizes are written rounded to whole mm.
@@ -84,6 +86,7 @@ class Mention:
     sentence: str
     side: str | None = None
     lobe: str | None = None
+    lobe_span: tuple[int, int] | None = None  # where the lobe is named, in the section text
     sizes_mm: list[tuple[float, int, int]] = field(default_factory=list)  # (value mm, start, end in section text)
     volumes_ml: list[tuple[float, int, int]] = field(default_factory=list)
     percents: list[tuple[float, int, int]] = field(default_factory=list)
@@ -144,7 +147,7 @@ def label_text(text: str, section: str = "text") -> list[Mention]:
         if not hits:
             continue
         hits.sort()
-        lobes = [(_lobe_code(m.group(0)), m.start()) for m in _LOBE_RE.finditer(sentence)]
+        lobes = [(_lobe_code(m.group(0)), m.start(), m.end()) for m in _LOBE_RE.finditer(sentence)]
         lobe_spans = [(m.start(), m.end()) for m in _LOBE_RE.finditer(sentence)]
         sides = [(m.group(1).lower(), m.start()) for m in _SIDE_RE.finditer(sentence)
                  if not any(a <= m.start() < b for a, b in lobe_spans)]
@@ -174,6 +177,7 @@ def label_text(text: str, section: str = "text") -> list[Mention]:
             near_lobe = _nearest([lb for lb in lobes if _owner(hits, sentence, lb[1]) == idx], a)
             if near_lobe and kind in ("nodule", "calcified_granuloma", "consolidation"):
                 mention.lobe = near_lobe[0] or None
+                mention.lobe_span = (s0 + near_lobe[1], s0 + near_lobe[2])
             near_side = _nearest([sd for sd in sides if _owner(hits, sentence, sd[1]) == idx], a)
             if mention.lobe:
                 mention.side = "right" if mention.lobe.startswith("R") else "left"
@@ -210,7 +214,9 @@ def _merge_into(kept: list[Mention], mention: Mention) -> None:
                 (mention.lobe and other.lobe and mention.lobe != other.lobe):
             continue
         other.negated = other.negated and mention.negated  # a positive statement wins
-        other.side, other.lobe = other.side or mention.side, other.lobe or mention.lobe
+        if not other.lobe:
+            other.lobe, other.lobe_span = mention.lobe, mention.lobe_span
+        other.side = other.side or mention.side
         for name in ("sizes_mm", "volumes_ml", "percents", "ratios", "ids"):
             getattr(other, name).extend(getattr(mention, name))
         other.count = max(other.count, mention.count)
@@ -322,6 +328,7 @@ def ground(report: CTReport, size_policy: str = "check") -> Grounding:
     """Compare narrative and measurements; with size_policy='replace' wrong numbers are rewritten in the report."""
     if size_policy not in ("check", "replace"):
         raise ValueError(f"size_policy: expected 'check' or 'replace', found {size_policy!r}")
+    relocated = _relocate(report) if size_policy == "replace" else []
     mentions = label_report(report)
     positive = [x for x in mentions if not x.negated]
     capacity = {id(x): x.count for x in positive}
@@ -353,7 +360,7 @@ def ground(report: CTReport, size_policy: str = "check") -> Grounding:
             used.add(id(x))
             matches[m.id].append(x)
 
-    flags: list[Flag] = []
+    flags: list[Flag] = list(relocated)
     for m in report.measurements:
         if not matches[m.id]:
             flags.append(Flag(kind="measured_not_mentioned", measurement_id=m.id,
@@ -397,6 +404,47 @@ def ground(report: CTReport, size_policy: str = "check") -> Grounding:
             text = text[:a] + new + text[b:]
         _set_section_text(report, section, text)
     return Grounding(flags=flags, mentions=mentions, matches=matches, corrections=corrections)
+
+
+def _sizes_agree(m: Measurement, x: Mention) -> bool:
+    checks = list(_number_checks(m, x))
+    return bool(checks) and all(any(agrees(said, r) for r in refs) for said, _, _, refs, _, agrees in checks)
+
+
+def _relocate(report: CTReport) -> list[Flag]:
+    """Rewrite the lobe of nodule mentions that match a measured nodule by their numbers alone: the measurement has
+    no mention in its own lobe, the mention's sizes all agree with it and with no measurement in the lobe it names,
+    and it is the only such measurement. One "location_corrected" flag per rewrite."""
+    positive = [x for x in label_report(report) if not x.negated and x.count == 1 and x.lobe and x.lobe_span
+                and x.type in ("nodule", "calcified_granuloma")]
+    kinds = ("nodule", "calcified_granuloma")
+    edits: dict[str, list[tuple[int, int, str]]] = {}
+    flags = []
+    for x in positive:
+        if any(m.kind == x.type and m.lobe == x.lobe and _sizes_agree(m, x) for m in report.measurements):
+            continue  # the lobe it names holds a measurement of that size
+        fits = [m for m in report.measurements if m.kind in kinds and m.kind == x.type and m.lobe and
+                m.lobe != x.lobe and (not x.ids or m.id in x.ids) and _sizes_agree(m, x) and
+                not any(y.lobe == m.lobe and _compatible(m, y) is not None for y in positive)]
+        if len(fits) != 1:
+            continue
+        m = fits[0]
+        a, b = x.lobe_span
+        said = _section_text(report, x.section)[a:b]
+        new = m.lobe if said.isupper() else _LOBE_NAME[m.lobe]
+        if said[:1].isupper() and not said.isupper():
+            new = new[0].upper() + new[1:]
+        edits.setdefault(x.section, []).append((a, b, new))
+        where = "Impression" if x.section == "impression" else SYSTEM_TITLES.get(x.section, x.section)
+        flags.append(Flag(kind="location_corrected", measurement_id=m.id,
+                          message=f"Location corrected: {where} placed {m.label()} in the {_LOBE_NAME[x.lobe]}; "
+                                  f"replaced with the measured {_LOBE_NAME[m.lobe]}."))
+    for section, changes in edits.items():
+        text = _section_text(report, section)
+        for a, b, new in sorted(set(changes), reverse=True):
+            text = text[:a] + new + text[b:]
+        _set_section_text(report, section, text)
+    return flags
 
 
 def _section_text(report: CTReport, section: str) -> str:

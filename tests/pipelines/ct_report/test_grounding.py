@@ -49,6 +49,31 @@ def test_replace_policy_rewrites_sizes_and_still_flags_them():
     assert apply_grounding(report).flags == [] and report.flags == corrections  # the record of the change stays
 
 
+def test_replace_policy_moves_a_nodule_to_its_measured_lobe_only_when_the_numbers_say_which():
+    def narrative():
+        return (Findings(lungs_airways="Solid nodule in the right lower lobe measuring 8 x 6 mm (mean 7 mm). "
+                                       "A 5 mm nodule in the LLL."),
+                "1. 7 mm solid nodule in the right middle lobe.")
+
+    report = build_report(MEASURED, narrative=narrative(), size_policy="replace")
+    assert report.findings.lungs_airways.startswith("Solid nodule in the right upper lobe measuring 8 x 6 mm")
+    assert report.impression == "1. 7 mm solid nodule in the right upper lobe."
+    moved = [f for f in report.flags if f.kind == "location_corrected"]
+    assert [f.measurement_id for f in moved] == ["M1", "M1"]
+    assert "in the right lower lobe; replaced with the measured right upper lobe" in moved[0].message
+    assert {f.kind for f in report.flags} == {"location_corrected"}  # nothing left unmatched afterwards
+    # check mode leaves the text alone and flags the disagreement instead
+    checked = build_report(MEASURED, narrative=narrative())
+    assert "right lower lobe" in checked.findings.lungs_airways
+    assert {f.kind for f in checked.flags} == {"not_confirmed", "measured_not_mentioned"}
+    # a size that fits no measured nodule is not moved anywhere
+    odd = (Findings(lungs_airways="A 15 mm solid nodule in the right lower lobe. A 7 mm nodule in the RUL. "
+                                  "A 5 mm nodule in the LLL."), "1. Nodules.")
+    report = build_report(MEASURED, narrative=odd, size_policy="replace")
+    assert "15 mm solid nodule in the right lower lobe" in report.findings.lungs_airways
+    assert not [f for f in report.flags if f.kind == "location_corrected"]
+
+
 def test_grounding_replaces_its_own_flags_but_keeps_warnings():
     report = planted()
     report.flags.append(report.flags[0].model_copy(update={"kind": "voice_note", "message": "note unreadable"}))
