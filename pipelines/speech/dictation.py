@@ -42,6 +42,27 @@ CLINICAL_SENTENCES = (
     "Interstitial thickening at both lung bases.",
 )
 
+# Held out: the prompt, hot words, term correction and decoding options were chosen on the sentences above only, so
+# these sentences (the same lexicon terms in other words and other company) show how much of that choice is fitted to
+# the sentences it was tuned on. `mmcore eval speech` reports both splits.
+HELD_OUT_SENTENCES = (
+    "Clinical question: sudden shortness of breath, rule out pulmonary embolism.",
+    "There is a nine millimeter part-solid nodule in the left upper lobe.",
+    "Small left pleural effusion, no pneumothorax.",
+    "Dense consolidation in the right lower lobe, likely pneumonia.",
+    "The heart size is normal and there is no pericardial effusion.",
+    "A small calcified granuloma in the right middle lobe is benign.",
+    "Mediastinal lymphadenopathy with enlarged hilar nodes on the right.",
+    "Honeycombing and reticulation in the lower lobes indicate interstitial fibrosis.",
+    "A spiculated nodule in the lingula needs follow up under the Fleischner criteria.",
+    "Known colon cancer, assess for new metastases or malignancy.",
+    "Mild bronchiectasis and atelectasis in the left lower lobe.",
+    "Centrilobular emphysema is worse at the apices.",
+    "Cardiomegaly with bilateral pleural effusions, likely heart failure.",
+    "The trachea and bronchi are clear, the mediastinum is central.",
+    "Subpleural ground-glass change in both lower lobes, early fibrosis is possible.",
+)
+
 # espeak-ng voices present in every installation: the US English voice and its female variant.
 VOICES = ("en-us", "en-us+f2")
 SPEEDS_WPM = (140, 170)  # a careful and a brisk dictation pace, words per minute
@@ -56,6 +77,7 @@ class Dictation:
     speed_wpm: int
     snr_db: float | None  # None: clean
     samples: np.ndarray  # (N,) float32 at 16 kHz
+    split: str = "tuning"  # "tuning" (CLINICAL_SENTENCES) or "held-out" (HELD_OUT_SENTENCES)
 
     @property
     def condition(self) -> str:
@@ -92,15 +114,17 @@ def add_noise(samples: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
     return np.clip(samples + noise, -1.0, 1.0).astype(np.float32)
 
 
-def dictation_set(sentences: tuple[str, ...] = CLINICAL_SENTENCES, voices: tuple[str, ...] = VOICES,
+def dictation_set(sentences: tuple[str, ...] | None = None, voices: tuple[str, ...] = VOICES,
                   speeds: tuple[int, ...] = SPEEDS_WPM, snr_db: float = NOISE_SNR_DB,
                   sentences_per_note: int = SENTENCES_PER_NOTE, limit: int | None = None) -> list[Dictation]:
     """Voice notes of `sentences_per_note` consecutive sentences, each in every voice and speed; every other
     recording gets noise at `snr_db`, alternating so each note, voice and speed is heard both clean and noisy.
+    `sentences=None` is the evaluation set: the tuning notes, then the held-out ones, each labelled with its split.
     `limit` keeps that many recordings, spread evenly over the plan."""
     if sentences_per_note <= 0:
         raise ValueError(f"dictation_set: sentences_per_note must be positive, found {sentences_per_note}")
-    notes = [sentences[k: k + sentences_per_note] for k in range(0, len(sentences), sentences_per_note)]
+    groups = [CLINICAL_SENTENCES, HELD_OUT_SENTENCES] if sentences is None else [tuple(sentences)]
+    notes = [group[k: k + sentences_per_note] for group in groups for k in range(0, len(group), sentences_per_note)]
     combos = [(v, w) for v in voices for w in speeds]
     plan = [(note, v, w, snr_db if (i + j) % 2 else None)
             for i, note in enumerate(notes) for j, (v, w) in enumerate(combos)]
@@ -112,7 +136,9 @@ def dictation_set(sentences: tuple[str, ...] = CLINICAL_SENTENCES, voices: tuple
     out = []
     for i, (note, voice, speed, snr) in enumerate(plan):
         text, samples = clinical_note(note, voice, speed)
-        out.append(Dictation(text, voice, speed, snr, samples if snr is None else add_noise(samples, snr, seed=i)))
+        split = "held-out" if set(note) <= set(HELD_OUT_SENTENCES) else "tuning"
+        out.append(Dictation(text, voice, speed, snr, samples if snr is None else add_noise(samples, snr, seed=i),
+                             split))
     return out
 
 

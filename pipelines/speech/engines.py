@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import time
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +30,16 @@ BEAM_SIZE = 5
 # or is too unlikely; on the noisy dictations that fired on most windows, doubled decoding time, and in every note
 # compared still ended on the temperature-0 text (the most likely of all attempts).
 TEMPERATURES = (0.0,)
+# A note of up to 30 s is decoded from an encoder window cut to its length plus this much trailing silence, rather
+# than padded to the 30 s Whisper was trained on: the encoder's cost grows faster than linearly with its input and
+# every decoding step attends to every encoder frame, so a 10-13 s note takes about two thirds of the CPU time. With a
+# 3 s margin the decoder once said a note's last sentence twice; with 5 s no note of the tuning dictations was cut or
+# repeated, and WER / term recall came within 4 words and 1 term of the full window (docs/speech.md).
+WINDOW_MARGIN_S = 5.0
+# A cut window occasionally sends the decoder into a loop ("... both lung bases. Interstitial thickening at both lung
+# bases. ..."); text that gzip compresses more than this (Whisper's own threshold; normal dictation is below 1.8) is
+# decoded again from the full 30 s window.
+MAX_COMPRESSION_RATIO = 2.4
 
 
 @dataclass
@@ -138,6 +149,46 @@ class FasterWhisperTranscriber(Transcriber):
         return self._d_model
 
     def _transcribe(self, samples, language, lexicon):
+        if len(samples) > WINDOW_SAMPLES:
+            return self._transcribe_windows(samples, language, lexicon)
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        features = self.model.feature_extractor(samples)  # (n_mels, frames + 1): the last frame is padding
+        frames = features.shape[-1] - 1  # 100 per second
+        features = features[:, :frames]
+        window = min(self.model.feature_extractor.nb_max_frames, math.ceil(frames + WINDOW_MARGIN_S * 100))
+        encoder_output = self.model.encode(pad_or_trim(features, window))  # (1, window / 2, d_model)
+        probability = None
+        if language is None:
+            if not self.model.model.is_multilingual:
+                language, probability = "en", 1.0
+            else:
+                token, probability = self.model.model.detect_language(encoder_output)[0][0]  # most likely first
+                language = token[2:-2]  # "<|en|>" -> "en"
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe",
+                              language=language)
+        text = self._decode(encoder_output, tokenizer, lexicon)
+        if _compression_ratio(text) > MAX_COMPRESSION_RATIO:  # a loop: decode again from the full 30 s window
+            text = self._decode(self.model.encode(pad_or_trim(features)), tokenizer, lexicon)
+        segments = [Segment(0.0, round(len(samples) / SAMPLE_RATE, 3), text)] if text else []
+        return language, None if probability is None else round(float(probability), 4), segments
+
+    def _decode(self, encoder_output, tokenizer, lexicon) -> str:
+        """Beam search at temperature 0 over text tokens only (no timestamps), after the lexicon's hot words and
+        prompt, as faster-whisper builds them."""
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        previous = tokenizer.encode(" " + lexicon.initial_prompt.strip()) if lexicon else []
+        prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True,
+                                       hotwords=lexicon.hotwords if lexicon else None)
+        result = self.model.model.generate(
+            encoder_output, [prompt], beam_size=self.beam_size, max_length=self.model.max_length,
+            suppress_blank=True, suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])))[0]
+        return tokenizer.decode(result.sequences_ids[0]).strip()
+
+    def _transcribe_windows(self, samples, language, lexicon):
+        """Notes over 30 s: faster-whisper's own loop over 30 s windows, each conditioned on the text before it."""
         # Text tokens only, so one segment per 30 s window: timestamp tokens cost decoding steps, and without them
         # the noisy dictations came out with fewer errors (measured together with the hot words; docs/speech.md).
         segments, info = self.model.transcribe(
@@ -222,6 +273,12 @@ def _samples(audio: Audio | np.ndarray) -> np.ndarray:
     if samples.ndim != 1 or samples.size == 0:
         raise ValueError(f"audio: expected a non-empty 1-D array of 16 kHz samples, found shape {samples.shape}")
     return samples.astype(np.float32, copy=False)
+
+
+def _compression_ratio(text: str) -> float:
+    """Bytes of text / bytes gzipped: repeated phrases compress well, so a decoding loop shows a high ratio."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def _cpu_count() -> int:

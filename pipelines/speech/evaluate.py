@@ -79,6 +79,7 @@ def evaluate_dictations(transcriber: Transcriber, dictations: list[Dictation], l
         "term_recall_unbiased": round(recall_unbiased, 4),
         "wer_clean": _subset_wer(refs, hyps["biased"], [i for i, d in enumerate(dictations) if d.snr_db is None]),
         "wer_noisy": _subset_wer(refs, hyps["biased"], [i for i, d in enumerate(dictations) if d.snr_db is not None]),
+        **_split_metrics(refs, hyps, dictations, lexicon),
         "n_dictations": len(dictations),
         "n_notes": len(set(refs)),
         "audio_s": round(audio_s, 1),
@@ -91,6 +92,22 @@ def evaluate_dictations(transcriber: Transcriber, dictations: list[Dictation], l
         "missed_terms_unbiased": {t: f"{h}/{s}" for t, (h, s) in per_term_unbiased.items() if h < s},
     }
     return metrics
+
+
+def _split_metrics(refs: list[str], hyps: dict[str, list[str]], dictations: list[Dictation], lexicon: Lexicon) -> dict:
+    """WER and term recall, biased and unbiased, on the notes the biasing was tuned on and on the held-out notes."""
+    out = {}
+    for split, key in (("tuning", "tuning"), ("held-out", "held_out")):
+        index = [i for i, d in enumerate(dictations) if d.split == split]
+        if not index:
+            continue
+        split_refs = [refs[i] for i in index]
+        for mode, suffix in (("biased", ""), ("unbiased", "_unbiased")):
+            split_hyps = [hyps[mode][i] for i in index]
+            out[f"wer_{key}{suffix}"] = round(wer(split_refs, split_hyps), 4)
+            out[f"term_recall_{key}{suffix}"] = round(term_recall(split_refs, split_hyps, lexicon.terms)[0], 4)
+        out[f"n_dictations_{key}"] = len(index)
+    return out
 
 
 def _subset_wer(refs: list[str], hyps: list[str], index: list[int]) -> float | None:

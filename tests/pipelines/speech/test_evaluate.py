@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipelines.speech.dictation import (CLINICAL_SENTENCES, NOISE_SNR_DB, SENTENCES_PER_NOTE, SPEEDS_WPM, VOICES,
-                                        add_noise, dictation_set)
-from pipelines.speech.evaluate import term_recall, wer, word_errors
+from pipelines.speech.dictation import (CLINICAL_SENTENCES, HELD_OUT_SENTENCES, NOISE_SNR_DB, SENTENCES_PER_NOTE,
+                                        SPEEDS_WPM, VOICES, Dictation, add_noise, dictation_set)
+from pipelines.speech.evaluate import _split_metrics, term_recall, wer, word_errors
 from pipelines.speech.lexicon import CHEST_CT_TERMS, CLINICAL_LEXICON, Lexicon, normalize_text, number_words
 
 
@@ -51,6 +51,29 @@ def test_the_sentences_use_the_lexicon():
     assert len(used) >= 30 and all(heard == said for heard, said in used.values())
 
 
+def test_the_held_out_sentences_are_new_and_use_the_lexicon():
+    assert not set(HELD_OUT_SENTENCES) & set(CLINICAL_SENTENCES)
+    assert len(HELD_OUT_SENTENCES) % SENTENCES_PER_NOTE == 0
+    used = term_recall(list(HELD_OUT_SENTENCES), list(HELD_OUT_SENTENCES), CHEST_CT_TERMS)[1]
+    assert len(used) >= 30
+
+
+def test_metrics_are_reported_per_split():
+    silent = np.zeros(16, np.float32)
+    dictations = [Dictation("small pleural effusion", "en-us", 140, None, silent, "tuning"),
+                  Dictation("a nodule in the lingula", "en-us", 140, None, silent, "held-out"),
+                  Dictation("no pneumothorax", "en-us", 170, 20.0, silent, "held-out")]
+    hyps = {"biased": ["small pleural effusion", "a nodule in the lingula", "no pneumothorax"],
+            "unbiased": ["small plural effusion", "a module in the lingula", "no pneumothorax"]}
+    metrics = _split_metrics([d.text for d in dictations], hyps, dictations, CLINICAL_LEXICON)
+    assert metrics["wer_tuning"] == 0.0 and metrics["term_recall_tuning"] == 1.0
+    assert metrics["wer_tuning_unbiased"] == pytest.approx(1 / 3, abs=1e-4)
+    assert metrics["term_recall_tuning_unbiased"] == 0.0
+    assert metrics["wer_held_out_unbiased"] == pytest.approx(1 / 7, abs=1e-4)
+    assert metrics["term_recall_held_out_unbiased"] == pytest.approx(2 / 3, abs=1e-4)
+    assert (metrics["n_dictations_tuning"], metrics["n_dictations_held_out"]) == (1, 2)
+
+
 def test_noise_is_added_at_the_requested_snr():
     rng = np.random.default_rng(1)
     speech = (0.2 * rng.standard_normal(32000)).astype(np.float32)
@@ -65,6 +88,7 @@ def test_dictation_set_covers_voices_speeds_and_noise(espeak):
     assert len(subset) == 8
     assert {d.voice for d in subset} == set(VOICES) and {d.speed_wpm for d in subset} == set(SPEEDS_WPM)
     assert {d.snr_db for d in subset} == {None, NOISE_SNR_DB}
+    assert {d.split for d in subset} == {"tuning", "held-out"}
     for d in subset:
         assert d.samples.dtype == np.float32 and 7.0 < d.duration_s < 20.0  # three sentences: a ~10 s voice note
         assert len([c for c in d.text if c in ".?!"]) == SENTENCES_PER_NOTE
@@ -72,4 +96,6 @@ def test_dictation_set_covers_voices_speeds_and_noise(espeak):
     slow = dictation_set(one, voices=("en-us",), speeds=(140,), sentences_per_note=1)[0]
     fast = dictation_set(one, voices=("en-us",), speeds=(170,), sentences_per_note=1)[0]
     assert slow.text == fast.text == one[0] and slow.duration_s > fast.duration_s * 1.1
+    assert slow.split == "tuning"
     assert len(CLINICAL_SENTENCES) // SENTENCES_PER_NOTE * len(VOICES) * len(SPEEDS_WPM) == 32
+    assert len(HELD_OUT_SENTENCES) // SENTENCES_PER_NOTE * len(VOICES) * len(SPEEDS_WPM) == 20

@@ -37,6 +37,26 @@ def test_offline_base_transcribes_dictations(base_transcriber, dictate, audio_ki
     assert recall >= 0.8, per_term
 
 
+def test_a_decoding_loop_is_told_from_dictation_by_its_compression_ratio():
+    from pipelines.speech.engines import MAX_COMPRESSION_RATIO, _compression_ratio
+
+    note = " ".join(SENTENCES[:3])
+    loop = SENTENCES[0] + " Interstitial thickening at both lung bases." * 12
+    assert _compression_ratio(note) < 1.8 < MAX_COMPRESSION_RATIO < _compression_ratio(loop)
+    assert _compression_ratio("") == 0.0
+
+
+def test_a_note_over_30_s_is_transcribed_window_by_window(base_transcriber, dictate):
+    first, second = " ".join(SENTENCES[:2]), "Bilateral pleural effusions, larger on the left. No pneumothorax."
+    head = dictate(first, "en-us", 150)
+    pause = np.zeros(30 * 16000 - len(head), np.float32)  # the second part starts at the 30 s window boundary
+    note = np.concatenate([head, pause, dictate(second, "en-us", 150)])
+    transcript = base_transcriber.transcribe(note, language="en")
+    assert len(transcript.segments) == 2 and transcript.segments[0].end <= 30.0 < transcript.segments[1].end
+    recall, per_term = term_recall([first, second], [s.text for s in transcript.segments], CLINICAL_LEXICON.terms)
+    assert recall >= 0.8, (per_term, transcript.text)
+
+
 def test_language_is_detected_when_not_given(base_transcriber, dictate):
     transcript = base_transcriber.transcribe(dictate(SENTENCES[2]), lexicon=None)
     assert transcript.language == "en" and 0.5 < transcript.language_probability <= 1.0
