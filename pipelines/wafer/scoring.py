@@ -347,11 +347,14 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 10
 
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 3)  # candidate pattern decision thresholds
+THRESHOLD_SIGNIFICANCE = 2.0  # sign-test z a threshold's gain over 0.5 must reach before it replaces 0.5
 
 
 def fit_pattern_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(K,) per-pattern decision thresholds: each maximises that pattern's accuracy on the held-out maps that carry
-    at least one pattern (where the pattern set is read), ties broken towards 0.5."""
+    at least one pattern (where the pattern set is read), and replaces 0.5 only when its gain in correct decisions is
+    significant: more than THRESHOLD_SIGNIFICANCE x sqrt(maps on which the two cuts disagree) (a sign test). Cuts
+    moved by noise cost exact matches on fresh maps (measured: 0.736 vs 0.755 at 0.5 on 750 validation mixtures)."""
     probs, truth = np.asarray(probs, np.float64), np.asarray(targets) >= 0.5
     if probs.shape != truth.shape:
         raise ValueError(f"probs/targets: expected equal shapes, found {probs.shape} and {truth.shape}")
@@ -359,9 +362,14 @@ def fit_pattern_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray
     if not defective.any():
         return np.full(probs.shape[1], 0.5, np.float32)
     probs, truth = probs[defective], truth[defective]
-    acc = ((probs[:, None, :] >= THRESHOLD_GRID[None, :, None]) == truth[:, None, :]).mean(0)  # (T, K)
-    acc = acc - 1e-9 * np.abs(THRESHOLD_GRID - 0.5)[:, None]
-    return THRESHOLD_GRID[acc.argmax(0)].astype(np.float32)
+    correct = (probs[:, None, :] >= THRESHOLD_GRID[None, :, None]) == truth[:, None, :]  # (N, T, K)
+    at_half = (probs >= 0.5) == truth  # (N, K)
+    gain = correct.sum(0) - at_half.sum(0)[None, :]  # (T, K) correct decisions over the 0.5 cut
+    disagree = (correct != at_half[:, None, :]).sum(0)  # (T, K)
+    significant = gain > THRESHOLD_SIGNIFICANCE * np.sqrt(np.maximum(disagree, 1))
+    score = np.where(significant, gain - 1e-9 * np.abs(THRESHOLD_GRID - 0.5)[:, None], -np.inf)
+    best = score.argmax(0)
+    return np.where(significant.any(0), THRESHOLD_GRID[best], 0.5).astype(np.float32)
 
 
 def defect_target(targets: torch.Tensor) -> torch.Tensor:

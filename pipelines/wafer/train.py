@@ -90,6 +90,7 @@ class WaferRecipe(Recipe):
         self.temperature = None
         self.pattern_threshold = None
         self.anomaly = None
+        self._heads_fresh = False  # True between evaluate() and the save that follows it
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=700, batch_size=64, lr=3e-3, warmup_steps=50, weight_decay=0.05,
@@ -164,13 +165,15 @@ class WaferRecipe(Recipe):
 
         train, holdout = self.sets()
         self.temperature, self.pattern_threshold, self.anomaly = fit_heads(model, train, holdout)
+        self._heads_fresh = True
         return known_class_metrics(model, holdout, self.temperature, self.pattern_threshold)
 
     def save(self, model: nn.Module, out_dir: Path, card: dict) -> None:
-        if self.temperature is None:  # a save before the final evaluation (save_every): fit the heads now
+        if not self._heads_fresh:  # a save without an evaluation just before it (save_every): the weights moved
             train, holdout = self.sets()
             self.temperature, self.pattern_threshold, self.anomaly = fit_heads(model, train, holdout)
             model.train()
+        self._heads_fresh = False
         core = model.core
         meta = {"classes": list(self.classes), "input_size": self.size, "head": self.head,
                 "anomaly_features": getattr(model, "anomaly_features", "core"), "thresholds": Thresholds().to_dict()}

@@ -118,6 +118,12 @@ def test_pattern_thresholds_are_fitted_per_pattern():
     assert fit_pattern_thresholds(probs[:0], truth[:0]).tolist() == [0.5, 0.5]
     with pytest.raises(ValueError, match="expected equal shapes"):
         fit_pattern_thresholds(probs, truth[:, :1])
+    # Three of pattern 0's positives at 0.45: 0.45 is right on three more maps, too few to be told from noise
+    # (sign test: 3 < 2 x sqrt(3)), so the cut stays at 0.5; thirty such maps move it.
+    for n_low, expected in ((3, 0.5), (30, 0.45)):
+        moved = probs.copy()
+        moved[np.flatnonzero(truth[:, 0] > 0)[:n_low], 0] = 0.45
+        assert fit_pattern_thresholds(moved, truth)[0] == pytest.approx(expected)
     scores = Scores(("A", "B"), probs[:3], np.ones(3), np.zeros(3), pattern_threshold=cut)
     assert [scores.labels(i) for i in range(3)] == [tuple(n for n, t in zip("AB", truth[i]) if t) for i in range(3)]
 
@@ -177,3 +183,27 @@ def test_recipe_starts_from_a_checkpoint_and_rejects_a_mismatch(wafer_checkpoint
         WaferRecipe(init=str(tmp_path))
     with pytest.raises(InputError, match="mixed_fraction: expected 0..1"):
         WaferRecipe(mixed_fraction="1.5")
+
+
+def test_a_save_between_evaluations_refits_the_heads_on_the_current_weights(tmp_path):
+    """`--save-every` without `--eval-every`: each periodic checkpoint carries anomaly populations and temperatures
+    fitted to the weights it saves, not those of an earlier save."""
+    import mmcore
+    from pipelines.wafer.train import WaferRecipe
+
+    torch.manual_seed(0)
+    recipe = WaferRecipe(n_train=120, n_holdout=90)
+    net = recipe.build_model(None)
+    card = {"recipe": "wafer"}
+    recipe.save(net, tmp_path / "a", card)
+    with torch.no_grad():
+        for p in net.core.bridge.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    recipe.save(net, tmp_path / "b", card)
+    recipe.evaluate(net.eval(), None)
+    fitted = recipe.anomaly.views[0]["center"].clone()
+    recipe.save(net, tmp_path / "c", card)
+    centers = [mmcore.load(tmp_path / d).extra_tensors["wafer.anomaly.view0.center"].float() for d in "abc"]
+    assert not torch.allclose(centers[0], centers[1], atol=1e-3)  # refitted after the weights moved
+    torch.testing.assert_close(centers[1], centers[2], rtol=1e-3, atol=1e-3)  # same weights, same populations
+    torch.testing.assert_close(centers[2], fitted.half().float())  # the evaluation's fit is what gets saved
