@@ -7,6 +7,10 @@ so the evaluation never sees a tuned case.
 Matching: a detected nodule or granuloma matches a ground-truth lesion when their centres are within
 max(4 mm, radius + 2 mm). Sensitivity counts ground-truth nodules >= 5 mm; a false positive is a detected nodule
 or granuloma matching no lesion of any size.
+Whole-finding detection (precision and recall over the phantoms): a consolidation is found when one is measured on
+the side of the true one; cardiomegaly and pericardial effusion are found when the phantom carries them and the
+measurement reports them. The cardiothoracic ratio error compares the measured ratio (reported whether or not it is
+abnormal) with the phantom's.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def score(cases: list[CaseResult]) -> dict:
     n_target = hits = false_pos = 0
     diameter_errors, effusion_errors, pericardial_errors, emphysema_errors = [], [], [], []
     effusions_present = effusions_found = 0
+    # per finding type: [true detections, detections, true findings found, true findings]
+    counts = {kind: [0, 0, 0, 0] for kind in ("consolidation", "cardiomegaly", "pericardial_effusion")}
+    ctr_errors = []
     for case in cases:
         lesions = [f for f in case.truth["findings"] if f["type"] in ("nodule", "calcified_granuloma")]
         found = [f for f in case.measured["findings"] if f["type"] in ("nodule", "calcified_granuloma")]
@@ -87,12 +94,28 @@ def score(cases: list[CaseResult]) -> dict:
             elif det is not None:
                 pericardial_errors.append(abs(det["volume_ml"] - gt["volume_ml"]) / gt["volume_ml"])
         emphysema_errors.append(abs(case.measured["lungs"]["laa950_percent"] - case.truth["lungs"]["laa950_percent"]))
+        true_sides = [f.get("side") for f in case.truth["findings"] if f["type"] == "consolidation"]
+        found_sides = [f.get("side") for f in case.measured["findings"] if f["type"] == "consolidation"]
+        counts["consolidation"][0] += sum(side in true_sides for side in found_sides)
+        counts["consolidation"][1] += len(found_sides)
+        counts["consolidation"][2] += sum(side in found_sides for side in true_sides)
+        counts["consolidation"][3] += len(true_sides)
+        for kind in ("cardiomegaly", "pericardial_effusion"):
+            truth_has = any(f["type"] == kind for f in case.truth["findings"])
+            found_has = any(f["type"] == kind for f in case.measured["findings"])
+            counts[kind][0] += truth_has and found_has
+            counts[kind][1] += found_has
+            counts[kind][2] += truth_has and found_has
+            counts[kind][3] += truth_has
+        heart = case.measured.get("heart") or {}
+        if heart.get("cardiothoracic_ratio") is not None and case.truth.get("cardiothoracic_ratio") is not None:
+            ctr_errors.append(abs(heart["cardiothoracic_ratio"] - case.truth["cardiothoracic_ratio"]))
     n = max(len(cases), 1)
 
     def mean(values):
         return float(statistics.fmean(values)) if values else None
 
-    return {
+    out = {
         "n_phantoms": len(cases),
         "n_nodules_ge5mm": n_target,
         "nodule_sensitivity": hits / n_target if n_target else None,
@@ -106,6 +129,14 @@ def score(cases: list[CaseResult]) -> dict:
         "emphysema_abs_error_pp": mean(emphysema_errors),
         "emphysema_abs_error_pp_max": max(emphysema_errors) if emphysema_errors else None,
     }
+    for kind, (true_det, det, found, present) in counts.items():
+        out[f"n_{kind}"] = present
+        out[f"{kind}_precision"] = true_det / det if det else None
+        out[f"{kind}_recall"] = found / present if present else None
+    out["n_cardiothoracic_ratios"] = len(ctr_errors)
+    out["cardiothoracic_ratio_abs_error"] = mean(ctr_errors)
+    out["cardiothoracic_ratio_abs_error_max"] = max(ctr_errors) if ctr_errors else None
+    return out
 
 
 def evaluate(n: int = 30, size: int = 256, slices: int = 96, thickness: float = 2.5,

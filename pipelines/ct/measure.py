@@ -20,7 +20,11 @@ Pipeline (all thresholds in HU, all sizes in mm so results do not depend on the 
             measured at the half-contrast threshold on an interpolated axial section through the centre: long axis,
             perpendicular short axis, their mean.
   effusions fluid-density (-25..25 HU) regions thicker than a few mm: pleural next to a lung outside the mediastinum,
-            pericardial inside it.
+            pericardial inside it (at least MIN_PERICARDIAL_ML).
+  consolidation  soft-tissue density replacing lung (inside the lung or its per-slice convex hull, away from the heart)
+            wider than a 4 mm ball, with air bronchograms enclosed in it.
+  heart     cardiothoracic ratio: widest transverse heart diameter (blood / myocardium, not the pericardial fat or
+            fluid) over the widest internal thoracic diameter; `cardiomegaly` above CARDIOMEGALY_CTR.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ ENVELOPE_MM = 8.0  # closing radius of the lung envelope searched for nodules
 NEAR_LUNG_MM = 5.0  # an effusion must touch the lung within this distance
 CALCIFIED_HU = 300.0  # a blob whose brightest voxels exceed this is calcified
 MAX_DENSE_SHELL = 0.3  # share of a blob's outer shell that may be soft tissue (vessels)
+# Compact blobs (PCA elongation and ellipsoid fill) may have up to MAX_DENSE_SHELL_COMPACT of their shell in soft
+# tissue if they own at least COMPACT_MIN_OWNED of the dense tissue in the ball around them.
+COMPACT_ELONGATION = 1.7
+COMPACT_FILL = 0.8
+MAX_DENSE_SHELL_COMPACT = 0.42
+COMPACT_MIN_OWNED = 0.6
 JUNCTION_MAX_RADIUS_MM = 6.0  # blobs with a larger equivalent radius skip the vessel-junction test
 GGO_SHELL_MM = 2.0  # ground-glass rim (mm) beyond blur that makes a nodule part-solid
 # Blob filter for solid nodules fused with a vessel (the openings keep them joined to the tube): Gaussian scale (mm),
@@ -64,6 +74,17 @@ EMPHYSEMA_REPORT_PERCENT = 6.0  # LAA-950 above which emphysema is reported as a
 MIN_EFFUSION_ML = 15.0
 EFFUSION_REGROW_VOXELS = 3  # geodesic regrowth after the opening (voxels)
 PERICARDIAL_LOW_HU = -25.0
+MIN_PERICARDIAL_ML = 50.0  # up to ~50 mL of pericardial fluid is normal
+CONSOLIDATION_HU = -400.0  # about half-way between aerated lung (-865) and consolidated lung (soft tissue, 30-40)
+CONSOLIDATION_OPENING_MM = 4.0  # ball that rolls through consolidation, not through vessels or small nodules
+MIN_CONSOLIDATION_ML = 5.0
+AIR_BRONCHOGRAM_HU = -500.0
+MIN_BRONCHOGRAM_VOXELS = 8  # enclosed air voxels (detection grid) that make an air bronchogram
+MIN_BRONCHOGRAM_SHARE = 0.002  # ... and their share of the filled region
+HEART_HU = -30.0  # half-way between fat (-95) and blood / myocardium / muscle (30-60): heart and chest-wall edges
+HEART_OPENING_MM = 6.0  # opening radius that detaches the heart from vessels and organs touching it
+MIN_HEART_ML = 100.0  # smallest soft-tissue body taken for the heart
+CARDIOMEGALY_CTR = 0.5  # cardiothoracic ratio above which the heart is reported as enlarged
 RIM_VOXELS = 2
 
 
@@ -99,6 +120,9 @@ class Findings:
     lung_volume_ml: dict[str, float]  # {"right": ..., "left": ...}
     laa950_percent: float
     masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # body, lungs, airways (bool, Z, Y, X)
+    # cardiothoracic_ratio, heart_diameter_mm, thoracic_diameter_mm (always measured when both lungs and a heart are
+    # found, whether or not the ratio is abnormal); None otherwise
+    heart: dict[str, float] | None = None
 
     def of_type(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.type == kind]
@@ -107,7 +131,8 @@ class Findings:
         return {"findings": [f.to_dict() for f in self.findings],
                 "lungs": {"right_volume_ml": round(self.lung_volume_ml.get("right", 0.0), 1),
                           "left_volume_ml": round(self.lung_volume_ml.get("left", 0.0), 1),
-                          "laa950_percent": round(self.laa950_percent, 3)}}
+                          "laa950_percent": round(self.laa950_percent, 3)},
+                "heart": dict(self.heart) if self.heart else None}
 
 
 class FullResolutionMasks(dict):
@@ -153,12 +178,21 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every axial slice at once: a structuring element with no z neighbours keeps slices apart."""
+    """Fill holes in every axial slice at once: background components (4-connected within a slice, never across
+    slices) that do not reach the edge of their slice are holes. The same set as `ndimage.binary_fill_holes` with a
+    structuring element without z neighbours, from one labelling instead of an iterated dilation."""
     from scipy import ndimage
 
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_fill_holes(mask, structure=structure)
+    labels, n = ndimage.label(~mask, structure=structure)
+    if n == 0:
+        return mask.copy()
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        border[edge] = True
+    border[0] = False  # label 0 is the mask itself, kept
+    return ~border[labels]
 
 
 def _block_mean(hu: np.ndarray, factors, transform=None) -> np.ndarray:
@@ -278,7 +312,9 @@ def segment_lungs(smooth, body, airways, spacing, signs) -> tuple[np.ndarray, np
     sizes[0] = 0
     voxel_ml = float(np.prod(spacing)) / 1000
     keep = [lab for lab in np.argsort(sizes)[::-1][:3] if sizes[lab] * voxel_ml > 50]
-    lungs = np.isin(labels, keep) if keep else np.zeros_like(air)
+    chosen = np.zeros(n + 1, dtype=bool)  # lookup table by label: one gather instead of np.isin's sort
+    chosen[keep] = True
+    lungs = chosen[labels]
     cols = np.nonzero(body.any(axis=(0, 1)))[0]
     mid = int(round((cols.min() + cols.max()) / 2)) if len(cols) else smooth.shape[2] // 2
     left_side = np.zeros_like(lungs)
@@ -385,8 +421,15 @@ def detect_nodules(smooth, raw, lungs, envelope, spacing, signs, lung_frames, mi
             box = tuple(slice(max(o.start - 1, 0), min(o.stop + 1, n)) for o, n in zip(obj, labels.shape))
             local = labels[box] == lab
             shell = ndimage.binary_dilation(local) & ~local
-            if not shell.any() or (dense[box][shell] | ~aerated[box][shell]).mean() > MAX_DENSE_SHELL:
+            if not shell.any():
                 continue
+            shell_dense = float((dense[box][shell] | ~aerated[box][shell]).mean())
+            # A compact, well-filled blob may be wrapped more tightly by vessels or lie closer to the pleura: it
+            # passes with a denser shell, but then also has to own more of the dense tissue around it (below).
+            compact = elongation <= COMPACT_ELONGATION and fill >= COMPACT_FILL
+            if shell_dense > (MAX_DENSE_SHELL_COMPACT if compact else MAX_DENSE_SHELL):
+                continue
+            min_owned = 0.5 if shell_dense <= MAX_DENSE_SHELL else COMPACT_MIN_OWNED
             # How much of the dense tissue in a ball around the blob is the blob: vessel junctions leave compact
             # residues that are surrounded by their tubes. Peripheral vessels are at most a few mm thick, so a blob
             # wider than JUNCTION_MAX_RADIUS_MM cannot be such a residue and skips this test.
@@ -400,7 +443,7 @@ def detect_nodules(smooth, raw, lungs, envelope, spacing, signs, lung_frames, mi
                 inball = np.linalg.norm(grid - centre, axis=-1) <= ball_r
                 dense_in = (dense[region] & inball).sum()
                 blob_in = (labels[region] == lab)[inball].sum()
-                if dense_in == 0 or blob_in / dense_in < 0.5:
+                if dense_in == 0 or blob_in / dense_in < min_owned:
                     continue
             accepted.append({"centre": centre, "r_eq": r_eq, "obj": obj, "lab": lab, "labels": labels,
                              "radius": radius})
@@ -535,7 +578,7 @@ def _measure_nodule(blob_in_obj, obj, D, raw, lung, spacing, offset, signs, lung
     if peak > 200 or np.percentile(raw_box[blob], 95) > CALCIFIED_HU:
         kind, composition = "calcified_granuloma", "calcified"
     elif air_inside > 0.005 and filled.sum() * float(np.prod(spacing)) > 4000:
-        kind, composition = "consolidation", None
+        return None  # a dense region around air bronchograms is consolidation (`detect_consolidation`), not a nodule
     else:
         kind = "nodule"
         if solid.sum() < 0.05 * outer.sum():
@@ -544,7 +587,7 @@ def _measure_nodule(blob_in_obj, obj, D, raw, lung, spacing, offset, signs, lung
             composition = "part-solid"
         else:
             composition = "solid"
-    if composition in ("solid", "calcified", None):
+    if composition in ("solid", "calcified"):
         rim = peak
     else:
         ggo = outer & ~solid
@@ -628,6 +671,34 @@ def _mediastinum(right: np.ndarray, left: np.ndarray) -> np.ndarray:
     return out
 
 
+def _lung_hulls(right: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Per slice and side: the convex hull of that lung's mask. Consolidation replaces aerated lung, so a
+    consolidated region against the chest wall is outside the (air-based) lung mask but inside its hull."""
+    import cv2
+
+    out = np.zeros_like(right)
+    for k in range(right.shape[0]):
+        plane = np.zeros(right.shape[1:], np.uint8)
+        for m in (right[k], left[k]):
+            if not m.any():
+                continue
+            ys, xs = np.nonzero(m)
+            cv2.fillPoly(plane, [cv2.convexHull(np.stack([xs, ys], 1).astype(np.int32))], 1)
+        out[k] = plane > 0
+    return out
+
+
+def _inside_any(voxel, regions, reach: int = 2) -> bool:
+    """Whether one of the (box, mask) regions has a voxel within `reach` detection-grid voxels of `voxel` (the
+    centre of a blob cut out of an irregular region need not fall on the region itself)."""
+    for box, mask in regions:
+        local = [v - b.start for v, b in zip(voxel, box)]
+        near = tuple(slice(max(c - reach, 0), max(c + reach + 1, 0)) for c in local)
+        if mask[near].any():
+            return True
+    return False
+
+
 def detect_effusions(hu, right, left, body, spacing, signs, mid, near_lung=None, mediastinum=None) -> list[Finding]:
     """Pleural and pericardial effusions. `near_lung` (voxels within NEAR_LUNG_MM of a lung) and `mediastinum` (see
     `_mediastinum`) may be passed in when already known, on the same grid as `hu`."""
@@ -662,6 +733,8 @@ def detect_effusions(hu, right, left, body, spacing, signs, mid, near_lung=None,
         c = tuple(int(round(v)) for v in centre)
         # A pericardial effusion is a shell around the heart: its centroid falls between the lungs, in soft tissue.
         if mediastinum[c] and not comp_mask_at(labels, lab, c):
+            if vol < MIN_PERICARDIAL_ML:
+                continue  # normal pericardial fluid, or the partial-volume cap where a large heart meets fat below it
             kind, side = "pericardial_effusion", None
         elif touches_lung > 0.02:
             kind = "pleural_effusion"
@@ -702,6 +775,177 @@ def detect_effusions(hu, right, left, body, spacing, signs, mid, near_lung=None,
         else:
             merged[key] = f
     return list(merged.values())
+
+
+# ------------------------------------------------------------------------------------------------------ consolidation
+
+def detect_consolidation(fine, coarse, lungs2, hulls2, airways2, heart2, g, spacing, signs, lung_frames, mid):
+    """Airspace consolidation: soft-tissue density filling lung over a region wider than CONSOLIDATION_OPENING_MM
+    (an opening by that ball removes vessels and small nodules), inside the lung or the per-slice convex hull of each
+    lung (`hulls2`, see `_lung_hulls`) but away from the heart (`heart2`, the heart with a margin, which the hull of
+    the left lung wraps), with air bronchograms: air below AIR_BRONCHOGRAM_HU enclosed by the dense region in an
+    axial slice and not part of the airway tree (`airways2`, whose lumen next to hilar vessels is no bronchogram).
+    Nodules, the liver and spleen under the domes, the heart and effusions are dense too but enclose no air.
+    Candidates come from the segmentation grid (`coarse` and the masks ending in 2, factors `g` to the detection
+    grid); the bronchograms and the volume are found on the detection grid (`fine`, spacing `spacing`).
+    Returns (findings in detection-grid voxels, [(box, mask)] of each consolidation on the detection grid)."""
+    from scipy import ndimage
+
+    region2 = (lungs2 | hulls2) & ~heart2
+    if not region2.any():
+        return [], []
+    crop2 = _bbox(region2, margin=(1, 1, 1))
+    dense2 = np.zeros_like(region2)
+    dense2[crop2] = (coarse[crop2] > CONSOLIDATION_HU) & region2[crop2]
+    if not dense2.any():
+        return [], []
+    sp2 = np.asarray(spacing) * g
+    core = np.zeros_like(dense2)
+    core[crop2] = _opening(dense2[crop2], CONSOLIDATION_OPENING_MM, sp2)
+    labels, n = ndimage.label(core)
+    voxel_ml = float(np.prod(spacing)) / 1000
+    out, masks = [], []
+    for lab, obj in enumerate(ndimage.find_objects(labels), start=1):
+        comp2 = labels[obj] == lab
+        if comp2.sum() * voxel_ml * float(np.prod(g)) < MIN_CONSOLIDATION_ML:
+            continue
+        # The candidate and one coarse voxel around it (for the edges the opening shaved off), on the detection grid.
+        box2 = tuple(slice(max(o.start - 1, 0), min(o.stop + 1, m)) for o, m in zip(obj, labels.shape))
+        near2 = ndimage.binary_dilation(labels[box2] == lab)
+        box = tuple(slice(b.start * f, min(b.stop * f, m)) for b, f, m in zip(box2, g, fine.shape))
+        shape = tuple(b.stop - b.start for b in box)
+
+        def up(mask2):
+            return _upsample(mask2, g, shape)
+
+        raw = fine[box]
+        smooth = ndimage.gaussian_filter(raw, _sigma_vox(0.7, spacing))
+        dense = (smooth > CONSOLIDATION_HU) & up(region2[box2])
+        grown = dense & up(near2)
+        filled = _fill_slices(grown)
+        air = filled & ~grown & (raw < AIR_BRONCHOGRAM_HU) & ~up(ndimage.binary_dilation(airways2[box2]))
+        if air.sum() < MIN_BRONCHOGRAM_VOXELS or air.sum() < MIN_BRONCHOGRAM_SHARE * filled.sum():
+            continue
+        start = np.array([b.start for b in box])
+        idx = np.argwhere(filled)
+        centre = idx.mean(0) + start
+        side = "left" if (centre[2] - mid) * signs[2] > 0 else "right"
+        lo = idx.min(0) + start
+        hi = idx.max(0) + 1 + start
+        masks.append((box, filled))
+        # Volume: the dense region with its bronchograms (the airspace it replaces), counted on the detection grid.
+        out.append(Finding(type="consolidation", side=side, lobe=_lobe(lung_frames, side, centre, signs),
+                           volume_ml=round(float(filled.sum()) * voxel_ml, 1),
+                           mean_hu=round(float(raw[grown].mean()), 1),
+                           center_zyx_mm=[round(float(c * s), 2) for c, s in zip(centre, spacing)],
+                           center_voxel=[int(round(c)) for c in centre], bbox_zyx=[int(v) for v in (*lo, *hi)]))
+    return out, masks
+
+
+# ----------------------------------------------------------------------------------------------------------- heart
+
+def _largest_run_width(mask: np.ndarray) -> np.ndarray:
+    """Per slice of a (z, y, x) mask: its x-extent in voxels (last minus first occupied column + 1), 0 when empty."""
+    cols = mask.any(axis=1)
+    has = cols.any(axis=1)
+    first = np.argmax(cols, axis=1)
+    last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)
+    return np.where(has, last - first + 1, 0)
+
+
+def measure_heart(fine, coarse, right2, left2, mediastinum2, g, spacing, signs) -> dict | None:
+    """Cardiothoracic ratio on axial slices: the widest transverse extent of the heart (blood and myocardium above
+    HEART_HU, i.e. without the pericardial fat) over the widest internal thoracic diameter (inner edge of the chest
+    wall to inner edge, through the lungs). The heart is picked on the segmentation grid (`coarse`, factors `g` to
+    the detection grid `fine` whose spacing is `spacing`) and measured on the detection grid. None without both
+    lungs or without a heart-sized soft-tissue body between them."""
+    from scipy import ndimage
+
+    both = right2.any(axis=(1, 2)) & left2.any(axis=(1, 2))
+    if not both.any():
+        return None
+    sp2 = np.asarray(spacing) * g
+    # Soft tissue between the lungs, opened by a ball so the heart comes apart from the great vessels, the
+    # oesophagus and the top of the liver that touch it through thin bridges.
+    medi = mediastinum2 & both[:, None, None]
+    if not medi.any():
+        return None
+    box2 = _bbox(medi, margin=(1, 1, 1))
+    soft = (coarse[box2] > HEART_HU) & medi[box2]
+    soft = _opening(soft, HEART_OPENING_MM, sp2) & soft
+    labels, n = ndimage.label(soft)
+    if n == 0:
+        return None
+    ys = np.nonzero((right2 | left2).any(axis=(0, 2)))[0]
+    y_mid = 0.5 * (ys.min() + ys.max()) - box2[1].start
+    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(float)
+    inside = labels > 0
+    y_mean = np.bincount(labels[inside], weights=np.nonzero(inside)[1], minlength=n + 1) / np.maximum(sizes, 1)
+    # The heart lies in front of the lungs' mid-coronal plane (spine, descending aorta and oesophagus behind it).
+    sizes[(y_mean - y_mid) * signs[1] >= 0] = 0
+    sizes[0] = 0
+    best = int(np.argmax(sizes))
+    if best == 0 or sizes[best] * float(np.prod(sp2)) / 1000 < MIN_HEART_ML:
+        return None
+    heart2 = np.zeros_like(mediastinum2)
+    heart2[box2] = labels == best
+    # Detection-grid crop around the heart (one coarse voxel of margin), as slices of the detection grid.
+    hbox2 = _bbox(heart2, margin=(1, 1, 1))
+    zsl = tuple(slice(b.start * f, min(b.stop * f, m)) for b, f, m in zip(hbox2, g, fine.shape))
+    shape = tuple(z.stop - z.start for z in zsl)
+    region = _upsample(ndimage.binary_dilation(heart2[hbox2], iterations=1), g, shape)
+    crop = ndimage.gaussian_filter(fine[zsl], _sigma_vox(1.0, spacing)) > HEART_HU
+    # On the finer grid the epicardial fat separates the heart from pericardial fluid, which the coarse grid blurs
+    # into one body: keep the component that holds most of the coarse heart.
+    labels1, n1 = ndimage.label(crop & region)
+    if n1 == 0:
+        return None
+    overlap = np.bincount(labels1[_upsample(heart2[hbox2], g, shape)], minlength=n1 + 1)
+    overlap[0] = 0
+    heart = labels1 == int(np.argmax(overlap))
+    widths = _largest_run_width(heart) * spacing[2]
+    k = int(np.argmax(widths))
+    heart_mm = float(widths[k])
+    # Internal thoracic diameter per row, on the slices through the heart that hold both lungs: walk out from each
+    # lung's lateral edge through any fat to the first voxel of chest wall (muscle or bone above HEART_HU).
+    z1 = np.arange(zsl[0].start, zsl[0].stop)
+    z1 = z1[both[np.minimum(z1 // g[0], len(both) - 1)]]
+    if not len(z1):
+        return None
+    ny, nx = fine.shape[1:]
+
+    def rows_of(mask2):
+        return mask2[z1 // g[0]].repeat(g[1], axis=1).repeat(g[2], axis=2)[:, :ny, :nx]
+
+    right1, left1 = rows_of(right2), rows_of(left2)
+    wall = fine[z1] > HEART_HU
+    xs = np.arange(nx, dtype=np.int16)
+    lo_lung, hi_lung = (right1, left1) if signs[2] > 0 else (left1, right1)
+    rows = lo_lung.any(axis=2) & hi_lung.any(axis=2)
+    if not rows.any():
+        return None
+    lo_lung, hi_lung, wall = lo_lung[rows], hi_lung[rows], wall[rows]  # (row, x) for the rows with both lungs
+    lo_edge = np.argmax(lo_lung, axis=1)  # first column of the lung at low x
+    hi_edge = nx - 1 - np.argmax(hi_lung[:, ::-1], axis=1)  # last column of the lung at high x
+    last_wall = np.maximum.accumulate(np.where(wall, xs, np.int16(-1)), axis=1)  # last wall column at or before x
+    next_wall = np.minimum.accumulate(np.where(wall, xs, np.int16(nx))[:, ::-1], axis=1)[:, ::-1]
+    lo_wall = np.take_along_axis(last_wall, lo_edge[:, None], axis=1)[:, 0].astype(int)
+    hi_wall = np.take_along_axis(next_wall, hi_edge[:, None], axis=1)[:, 0].astype(int)
+    ok = (lo_wall >= 0) & (hi_wall < nx)
+    if not ok.any():
+        return None
+    thorax = (hi_wall - lo_wall - 1) * spacing[2]
+    thorax_mm = float(thorax[ok].max())
+    if thorax_mm <= 0:
+        return None
+    yy, xx = np.nonzero(heart[k])
+    centre = np.array([k + zsl[0].start, yy.mean() + zsl[1].start, xx.mean() + zsl[2].start])
+    z_idx, y_idx, x_idx = np.nonzero(heart)
+    lo = np.array([z_idx.min(), y_idx.min(), x_idx.min()]) + [s.start for s in zsl]
+    hi = np.array([z_idx.max(), y_idx.max(), x_idx.max()]) + 1 + [s.start for s in zsl]
+    return {"cardiothoracic_ratio": round(heart_mm / thorax_mm, 3), "heart_diameter_mm": round(heart_mm, 1),
+            "thoracic_diameter_mm": round(thorax_mm, 1), "centre_voxel": centre, "bbox": (*lo, *hi),
+            "mask2": heart2}
 
 
 # ----------------------------------------------------------------------------------------------------------- entry point
@@ -763,7 +1007,11 @@ def measure(volume: Volume) -> Findings:
     right2, left2, mid2 = segment_lungs(coarse, body2, airways2, sp2, signs)
     envelope2, near_lung2 = _envelope(right2 | left2, sp2)
     mediastinum2 = _mediastinum(right2, left2)
-    del coarse
+    heart = measure_heart(fine, coarse, right2, left2, mediastinum2, g, sp1, signs)
+    heart_zone2 = np.zeros_like(right2)  # the heart and ~6 mm (two coarse voxels) around it
+    if heart is not None:
+        hbox = _bbox(heart["mask2"], margin=(2, 2, 2))
+        heart_zone2[hbox] = ndimage.binary_dilation(heart["mask2"][hbox], iterations=2)
     shape1 = fine.shape
     right1, left1, body1 = (_upsample(m, g, shape1) for m in (right2, left2, body2))
     lungs1 = right1 | left1
@@ -795,16 +1043,33 @@ def measure(volume: Volume) -> Findings:
         raw = fine[sl]
         smooth = ndimage.gaussian_filter(raw, _sigma_vox(0.7, sp1))
         envelope = _upsample(envelope2, g, shape1)[sl]
-        findings += detect_nodules(smooth, raw, lungs1[sl], envelope, sp1, signs, frames, mid1,
-                                   [s.start for s in sl])
+        consolidations, consolidated = detect_consolidation(
+            fine, coarse, right2 | left2, _lung_hulls(right2, left2), airways2, heart_zone2,
+            g, sp1, signs, frames, mid1)
+        nodules = detect_nodules(smooth, raw, lungs1[sl], envelope, sp1, signs, frames, mid1, [s.start for s in sl])
+        # A dense focus inside a consolidation is part of it, not a nodule.
+        findings += consolidations + [f for f in nodules if not _inside_any(f.center_voxel, consolidated)]
         del smooth, raw
+    del coarse, heart_zone2
     # Contact with the lung and the mediastinum come from the segmentation grid (the contact test is a loose 2 %
     # share, and the mediastinum only decides where a fluid region's centre lies).
     findings += detect_effusions(fine, right1, left1, body1, sp1, signs, mid1, _upsample(near_lung2, g, shape1),
                                  _upsample(mediastinum2, g, shape1))
+    heart_summary = None
+    if heart is not None:
+        ratio = heart["cardiothoracic_ratio"]
+        heart_summary = {k: heart[k] for k in ("cardiothoracic_ratio", "heart_diameter_mm", "thoracic_diameter_mm")}
+        if ratio > CARDIOMEGALY_CTR:
+            centre = heart["centre_voxel"]
+            findings.append(Finding(type="cardiomegaly",
+                                    center_zyx_mm=[round(float(c * s), 2) for c, s in zip(centre, sp1)],
+                                    center_voxel=[int(round(c)) for c in centre],
+                                    bbox_zyx=[int(v) for v in heart["bbox"]],
+                                    extra={"cardiothoracic_ratio": ratio}))
     findings = [_to_full_grid(f, f1, spacing, hu.shape) for f in findings]
     if laa >= EMPHYSEMA_REPORT_PERCENT:
         findings.append(Finding(type="emphysema", side="bilateral", laa950_percent=round(laa, 2)))
     masks = FullResolutionMasks(hu.shape, tuple(a * b for a, b in zip(f1, g)),
                                 {"body": body2, "lungs": right2 | left2, "airways": airways2})
-    return Findings(findings=findings, lung_volume_ml=lung_volume_ml, laa950_percent=laa, masks=masks)
+    return Findings(findings=findings, lung_volume_ml=lung_volume_ml, laa950_percent=laa, masks=masks,
+                    heart=heart_summary)

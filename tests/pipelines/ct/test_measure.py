@@ -81,10 +81,10 @@ def test_normal_chest_is_quiet(cases):
 def test_findings_serialise_in_ground_truth_vocabulary(cases):
     _, found = cases[103]
     data = found.to_dict()
-    assert set(data) == {"findings", "lungs"}
+    assert set(data) == {"findings", "lungs", "heart"}
     for f in data["findings"]:
         assert f["type"] in ("nodule", "calcified_granuloma", "consolidation", "pleural_effusion",
-                             "pericardial_effusion", "emphysema")
+                             "pericardial_effusion", "emphysema", "cardiomegaly")
         if f["type"] == "nodule":
             assert {"side", "lobe", "diameter_mm", "long_axis_mm", "short_axis_mm", "volume_ml", "mean_hu",
                     "composition", "center_zyx_mm", "center_voxel", "bbox_zyx"} <= set(f)
@@ -181,3 +181,26 @@ def test_solid_nodule_fused_with_a_vessel_is_found():
     assert match[0].side == gt["side"] == "right" and match[0].lobe == gt["lobe"]
     # The cut-out keeps a little of the vessel: the size is over-estimated, but by less than 3.5 mm.
     assert gt["diameter_mm"] <= match[0].diameter_mm <= gt["diameter_mm"] + 3.5
+
+
+def test_fill_slices_matches_binary_fill_holes_per_slice():
+    from scipy import ndimage
+
+    from pipelines.ct.measure import _fill_slices
+
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    rng = np.random.default_rng(2)
+    filled_any = 0
+    for shape, threshold in (((12, 40, 40), 0.5), ((1, 30, 50), 0.45), ((6, 64, 64), 0.55)):
+        mask = ndimage.gaussian_filter(rng.random(shape), 1.5) > threshold
+        for m in (mask, ~mask, np.zeros(shape, bool)):
+            expected = ndimage.binary_fill_holes(m, structure=structure)
+            filled_any += int(expected.sum() - m.sum())
+            np.testing.assert_array_equal(_fill_slices(m), expected)
+    assert filled_any > 0  # the random masks had holes to fill
+    ring = np.zeros((3, 9, 9), dtype=bool)
+    ring[1, 2:7, 2:7] = True
+    ring[1, 4, 4] = False  # a hole in the middle slice only: filled there, and nothing leaks into the others
+    out = _fill_slices(ring)
+    assert out[1, 4, 4] and out.sum() == 25
