@@ -108,7 +108,8 @@ def reference_report(findings: list[dict], meta, cfg, rng) -> dict:
     for f in by_type.get("calcified_granuloma", []):
         lung_lines.append(pick(GRANULOMA).format(lobe=LOBE_NAMES.get(f["lobe"], "lung"), d=f["diameter_mm"]))
     for f in by_type.get("consolidation", []):
-        lobe = LOBE_NAMES.get(f.get("lobe"), "lung")
+        # a consolidation seen on the coarse grid has a side but no lobe
+        lobe = LOBE_NAMES.get(f.get("lobe")) or (f"{f['side']} lung" if f.get("side") in ("right", "left") else "lung")
         lung_lines.append(pick(CONSOLIDATION_SEEN).format(lobe=lobe) if f.get("unmeasured") else
                           pick(CONSOLIDATION).format(lobe=lobe, v=f["volume_ml"]))
         impression.append(f"Consolidation in the {lobe}, compatible with pneumonia in the appropriate clinical setting.")

@@ -9,8 +9,9 @@ the narrative four ways:
 and a constant baseline that writes the most frequent large-scale findings of the phantom mix.
 Each text is labelled by the rule-based labeller (`pipelines.ct.grounding.finding_labels`) and compared with the
 labels of the phantom's reference report: per-finding precision / recall / F1 and their macro mean. Also: nodule
-location accuracy (side and lobe of each reference nodule >= 5 mm the report mentions with a size), grounding flag
-rates, size mismatches left unflagged, BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the reference text, and
+location accuracy (side and lobe of each reference nodule >= 5 mm the report mentions with a size; and, to tell
+the writer's errors from the measurement's, the same for the measured nodule nearest each reference nodule), the
+finding head's own F1 per label (what the volume encoder put on the prompt's "seen:" line), grounding flag rates, size mismatches left unflagged, BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the reference text, and
 generation latency.
 """
 
@@ -104,6 +105,39 @@ def location_hits(text: str, truth: list[dict]) -> tuple[int, int]:
     return correct, checked
 
 
+def measured_location_hits(found: list, truth: list[dict]) -> tuple[int, int]:
+    """(correct, checked): reference nodules >= LOCATION_MIN_MM with a measured nodule whose centre lies within the
+    reference's diameter (at least 5 mm); correct when the measured lobe agrees."""
+    measured = [f for f in found if f.type == "nodule" and f.center_zyx_mm is not None]
+    checked = correct = 0
+    for f in truth:
+        if f["type"] != "nodule" or f["diameter_mm"] < LOCATION_MIN_MM or not measured:
+            continue
+        centre = np.asarray(f["center_zyx_mm"], dtype=float)
+        near = min(measured, key=lambda m: float(np.linalg.norm(np.asarray(m.center_zyx_mm) - centre)))
+        if float(np.linalg.norm(np.asarray(near.center_zyx_mm) - centre)) > max(5.0, f["diameter_mm"]):
+            continue
+        checked += 1
+        correct += near.lobe == f.get("lobe")
+    return correct, checked
+
+
+def head_f1(pairs: list[tuple[list | None, list[float]]]) -> dict:
+    """Per label of the finding head: F1 of its seen findings against the ground truth, and their macro mean."""
+    from pipelines.ct.finding_head import SEEN_LABELS, labels_of
+
+    rows = [(labels_of(seen), truth) for seen, truth in pairs if seen is not None]
+    if not rows:
+        return {}
+    out = {}
+    for k, (kind, side) in enumerate(SEEN_LABELS):
+        tp = sum(p[k] and t[k] for p, t in rows)
+        n_pred, n_true = sum(p[k] for p, _ in rows), sum(t[k] for _, t in rows)
+        out["_".join(x for x in (kind, side) if x)] = round(2 * tp / (n_pred + n_true), 4) if n_pred + n_true else None
+    scored = [v for v in out.values() if v is not None]
+    return {"per_label": out, "macro_f1": round(sum(scored) / len(scored), 4) if scored else None}
+
+
 def unflagged_size_mismatches(report) -> int:
     """Size mismatches an independent grounding pass finds in the final text that the report does not flag."""
     from pipelines.ct.grounding import ground
@@ -125,8 +159,8 @@ def evaluate_cases(writer, cases: list[tuple[np.ndarray, dict]], seed: int = 0) 
     from pipelines.ct.train import simulate_measurements
 
     rng = np.random.default_rng(seed)
-    grids = [torch.from_numpy(g.astype(np.float32) / HU_SCALE)[None] for g, _ in cases]
-    measured = [simulate_measurements(t["findings"], rng)[0] for _, t in cases]
+    grids = [torch.from_numpy(g.astype(np.float32) / HU_SCALE) for g, _ in cases]
+    measured = [simulate_measurements(t["findings"], rng) for _, t in cases]
     full = writer.write(grids, measured, [None] * len(cases))
     withheld = writer.write(grids, [None] * len(cases), [None] * len(cases))
     refs = [reference_text(t["report"]) for _, t in cases]
@@ -142,6 +176,7 @@ def evaluate_cases(writer, cases: list[tuple[np.ndarray, dict]], seed: int = 0) 
 
 def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, thickness: float = 2.5,
              device: str = "cpu", progress=None) -> dict:
+    from pipelines.ct.finding_head import labels_of
     from pipelines.ct.measure import measure
     from pipelines.ct.phantom import make_phantom
     from pipelines.ct.report import MODEL_SIZE_POLICY, build_report, measurements_from_findings, write_narrative
@@ -153,7 +188,8 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
     started = time.perf_counter()
     rows = {"full": [], "withheld": [], "no_volume": [], "template": [], "baseline": []}
     hyps, refs, latencies, flag_counts = [], [], [], {}
-    location = [0, 0]
+    location, measured_location = [0, 0], [0, 0]
+    head_rows = []
     unflagged = 0
     baseline = most_frequent_baseline()
     for i in range(n):
@@ -187,6 +223,10 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
         hit, checked = location_hits(text, phantom.ground_truth["findings"])
         location[0] += hit
         location[1] += checked
+        hit, checked = measured_location_hits(found.findings, phantom.ground_truth["findings"])
+        measured_location[0] += hit
+        measured_location[1] += checked
+        head_rows.append((withheld.seen, labels_of(phantom.ground_truth["findings"])))
         hyps.append(text)
         refs.append(reference)
         if progress:
@@ -206,9 +246,11 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
         "encoder_only_f1": encoder_only, "baseline_f1": baseline_f1,
         "ablation": {"full_large_scale_f1": full_large, "no_volume_f1": no_volume_f1,
                      "no_volume_large_scale_f1": no_volume_large, "template_f1": template_f1,
-                     "encoder_only_large_scale_f1": encoder_only},
+                     "encoder_only_large_scale_f1": encoder_only, "finding_head": head_f1(head_rows)},
         "location_accuracy": round(location[0] / location[1], 4) if location[1] else None,
         "location_checked": location[1],
+        "measured_location_accuracy": (round(measured_location[0] / measured_location[1], 4)
+                                       if measured_location[1] else None),
         "unflagged_size_mismatches": unflagged,
         "flags_per_report": {k: round(v / n, 3) for k, v in sorted(flag_counts.items())},
         **text_scores(hyps, refs),

@@ -2,11 +2,14 @@
 voice note (tool-augmented generation).
 
 Inputs to the core:
-  - the volume, resampled to a fixed grid GRID (z, y, x) over the whole series, HU clipped to [-1000, 1000] and
-    divided by 1000, through the 3D volume encoder (at 64 voxels over a 36 cm field a voxel is ~5.6 mm, so the
+  - the volume, resampled to a fixed grid GRID (z, y, x) over the whole series in two channels (HU clipped to
+    [-1000, 1000] and divided by 1000; the share of voxels below -950 HU, see `volume_grid`), through the 3D volume
+    encoder (at 64 voxels over a 36 cm field a voxel is ~5.6 mm, so the
     encoder sees large-scale findings: effusions, consolidation, heart size, emphysema; a 5 mm nodule is one voxel);
   - the measured findings as structured text in the prompt ("measured: M1 nodule solid RUL 12x9 mm mean 10 mm | ..."),
     so the narrative reports what the measurement module found with its numbers;
+  - what the volume encoder sees, from its finding head (pipelines.ct.finding_head), as the prompt's "seen:" line
+    ("seen: pleural effusion right | cardiomegaly"): large-scale findings the narrative reports in words;
   - the voice note: its transcript as the prompt's indication, and the Whisper encoder's features as audio tokens.
 The model writes "lungs: ... | pleura: ... | heart: ... | impression: ..." which `parse_narrative` splits into the
 report's sections; grounding (pipelines.ct.grounding) then checks the text against the measurements.
@@ -27,6 +30,8 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "checkpoints
 GRID = (64, 64, 64)  # (z, y, x) voxels the volume encoder sees
 HU_CLIP = (-1000.0, 1000.0)
 HU_SCALE = 1000.0
+LAA_HU = -950.0  # low-attenuation threshold of the second channel (%LAA-950, the CT emphysema index)
+CHANNELS = 2
 MAX_INDICATION_CHARS = 240  # longer dictations keep their first sentences in the prompt (the transcript is kept whole)
 MAX_AUDIO_FRAMES = 2048 * 8  # Whisper frames (20 ms) the bridge's audio positions cover at pool stride 8 (~5.4 min)
 MAX_NEW_TOKENS = 320
@@ -48,22 +53,29 @@ class ReportModelError(CTError):
 # ------------------------------------------------------------------------------------------------------------ inputs
 
 def volume_grid(hu: np.ndarray, grid: tuple[int, int, int] = GRID):
-    """(Z, Y, X) HU array -> (1, *grid) float32 tensor in [-1, 1]: area-averaged where the grid is coarser (so noise
-    averages out as in a thick reconstruction), trilinear where it is finer."""
+    """(Z, Y, X) HU array -> (CHANNELS, *grid) float32 tensor: channel 0 the HU clipped to HU_CLIP and divided by
+    HU_SCALE (in [-1, 1]), channel 1 the share of voxels below LAA_HU (in [0, 1]). Area-averaged where the grid is
+    coarser (noise averages out as in a thick reconstruction), trilinear where it is finer. The second channel keeps
+    what averaging loses: emphysema is a share of very low voxels, which moves a 5.6 mm cell's mean by a few HU
+    only."""
     import torch
     import torch.nn.functional as F
 
     if hu.ndim != 3 or min(hu.shape) < 2:
         raise ReportModelError(f"volume: expected a 3-D HU array with at least 2 voxels per axis, found shape "
                                f"{hu.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float32)
-    x = x.clamp_(*HU_CLIP).div_(HU_SCALE)[None, None]  # (1, 1, Z, Y, X)
+    raw = torch.from_numpy(np.ascontiguousarray(hu))
+    low = (raw < LAA_HU).to(torch.float32)[None, None]
+    x = raw.to(torch.float32).clamp_(*HU_CLIP).div_(HU_SCALE)[None, None]  # (1, 1, Z, Y, X)
     pooled = tuple(min(n, g) for n, g in zip(x.shape[2:], grid))
-    if pooled != tuple(x.shape[2:]):
-        x = F.adaptive_avg_pool3d(x, pooled)
-    if pooled != tuple(grid):
-        x = F.interpolate(x, size=grid, mode="trilinear", align_corners=False)
-    return x[0]
+    channels = []
+    for c in (x, low):
+        if pooled != tuple(c.shape[2:]):
+            c = F.adaptive_avg_pool3d(c, pooled)
+        if pooled != tuple(grid):
+            c = F.interpolate(c, size=grid, mode="trilinear", align_corners=False)
+        channels.append(c[0, 0])
+    return torch.stack(channels)
 
 
 def _number(value, fmt: str) -> str:
@@ -106,8 +118,12 @@ def prompt_order(m: dict):
     return TYPE_ORDER.index(kind), -(m.get("diameter_mm") or m.get("volume_ml") or 0.0)
 
 
-def prompt_text(measurements: list[dict] | None, indication: str | None = None) -> str:
-    """The structured prompt: measured findings (None = withheld) and the dictated indication."""
+def prompt_text(measurements: list[dict] | None, indication: str | None = None,
+                seen: list[dict] | None = None) -> str:
+    """The structured prompt: measured findings (None = withheld), what the volume encoder sees (None = not
+    assessed: no volume, or a checkpoint without a finding head) and the dictated indication."""
+    from pipelines.ct.finding_head import describe_seen
+
     if measurements is None:
         measured = WITHHELD
     else:
@@ -116,7 +132,7 @@ def prompt_text(measurements: list[dict] | None, indication: str | None = None) 
     note = " ".join((indication or "").split())
     if len(note) > MAX_INDICATION_CHARS:
         note = note[:MAX_INDICATION_CHARS].rsplit(" ", 1)[0]
-    return f"measured: {measured}\nindication: {note or 'none'}\nreport:"
+    return f"measured: {measured}\nseen: {describe_seen(seen)}\nindication: {note or 'none'}\nreport:"
 
 
 def target_text(lungs: str, pleura: str, heart: str, impression: str) -> str:
@@ -155,7 +171,8 @@ def report_model_config(vocab_size: int):
                     dense_hidden=512, max_seq_len=640,
                     moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=192)),
         bridge=BridgeConfig(dim=192, n_queries=16, n_layers=1, n_heads=6, max_tokens_per_modality=2048),
-        volume=VolumeEncoderConfig(dim=96, depth=2, n_heads=4, patch_size=(8, 8, 8), window_size=(2, 4, 4),
+        volume=VolumeEncoderConfig(in_chans=CHANNELS, dim=96, depth=2, n_heads=4, patch_size=(8, 8, 8),
+                                   window_size=(2, 4, 4),
                                    n_global_tokens=4, mlp_ratio=2.0,
                                    max_grid=(GRID[0] // 8, GRID[1] // 8, GRID[2] // 8)),
         audio=AudioEncoderConfig(source="features", feature_dim=512, pool_stride=8),
@@ -165,11 +182,12 @@ def report_model_config(vocab_size: int):
 
 
 def model_inputs(grids: list, audio: list | None = None) -> dict:
-    """Batch the encoder inputs: grids (1, *GRID) tensors or None (no volume); audio (T, 512) tensors or None."""
+    """Batch the encoder inputs: grids (CHANNELS, *GRID) tensors or None (no volume); audio (T, 512) tensors or
+    None."""
     import torch
 
     B = len(grids)
-    volume = torch.zeros(B, 1, *GRID)
+    volume = torch.zeros(B, CHANNELS, *GRID)
     volume_mask = torch.zeros(B, GRID[0], dtype=torch.bool)
     for i, g in enumerate(grids):
         if g is not None:
@@ -205,6 +223,7 @@ class Draft:
     text: str  # the raw model output
     missing_sections: list[str]
     seconds: float
+    seen: list[dict] | None = None  # what the volume encoder's finding head reported (None: not assessed)
 
 
 class ReportModel:
@@ -220,6 +239,13 @@ class ReportModel:
         self.path = path
         self.sha256 = sha256
         self.card = dict(model.card)
+        from pipelines.ct.finding_head import SEEN_LABELS, load_head
+
+        self.finding_head = load_head(model.extra_tensors, model.encoders["volume"].out_dim)
+        if self.finding_head is not None:
+            self.finding_head.to(model.device)
+        cuts = (model.extra_config or {}).get("finding_head", {}).get("thresholds")
+        self.thresholds = list(cuts) if cuts else [0.5] * len(SEEN_LABELS)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "ReportModel":
@@ -258,7 +284,8 @@ class ReportModel:
 
         start = time.perf_counter()
         tok = self.tokenizer
-        prompts = [prompt_text(m, ind) for m, ind in zip(measurements, indications)]
+        seen = self.see(grids)
+        prompts = [prompt_text(m, ind, s) for m, ind, s in zip(measurements, indications, seen)]
         ids, mask = tok.batch_encode(prompts, add_bos=True, padding_side="left")
         ids = torch.cat([ids, torch.full((len(prompts), 1), tok.sep_id)], 1)
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.bool)], 1)
@@ -276,8 +303,27 @@ class ReportModel:
         for row in out:
             text = tok.decode(row).strip()
             findings, impression, missing = parse_narrative(text)
-            drafts.append(Draft(findings, impression, text, missing, seconds))
+            drafts.append(Draft(findings, impression, text, missing, seconds, seen[len(drafts)]))
         return drafts
+
+    def see(self, grids: list) -> list[list[dict] | None]:
+        """What the finding head sees in each grid (None where there is no grid or no head)."""
+        import torch
+
+        from pipelines.ct.finding_head import seen_findings
+
+        present = [i for i, g in enumerate(grids) if g is not None]
+        out: list[list[dict] | None] = [None] * len(grids)
+        if self.finding_head is None or not present:
+            return out
+        inputs = model_inputs([grids[i] for i in present])
+        with torch.inference_mode():
+            tokens, mask = self.model.encoders["volume"](inputs["volume"].to(self.model.device),
+                                                         inputs["volume_mask"].to(self.model.device))
+            probabilities = torch.sigmoid(self.finding_head(tokens, mask)).cpu().numpy()
+        for i, p in zip(present, probabilities):
+            out[i] = seen_findings(p, self.thresholds)
+        return out
 
     def write_one(self, grid, measurements: list[dict] | None, indication: str | None = None,
                   audio=None) -> Draft:

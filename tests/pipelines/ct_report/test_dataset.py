@@ -256,7 +256,7 @@ def test_ct_report_recipe_trains_on_the_ct_rate_layout(root, tmp_path):
     assert len(cases) == 3  # train_1, train_2, train_3; train_4 (no metadata) and train_5 (corrupt) skipped
     targets = sorted(case["target"] for _, case in cases)
     assert any(t.startswith("lungs: Emphysema. |") and t.endswith("impression: Emphysema, mild.") for t in targets)
-    assert all(grid.shape == (64, 64, 64) for grid, _ in cases)
+    assert all(grid.shape == (2, 64, 64, 64) for grid, _ in cases)  # (channels, *GRID)
     recipe = get_recipe("ct-report", data=str(root), cache=str(tmp_path / "cache"), eval_phantoms="0", audio="0")
     run_recipe(recipe, tmp_path / "run", steps=2, batch_size=2, progress=False)
     card = json.loads((tmp_path / "run" / "card.json").read_text())

@@ -15,22 +15,28 @@ from pipelines.ct.report import MODEL_SIZE_POLICY, build_report, draft_report, m
 from pipelines.ct.report_model import (DEFAULT_CHECKPOINT, GRID, Draft, ReportModel, ReportModelError,
                                        describe_measurement, measurement_dicts, parse_narrative, prompt_text,
                                        target_text, volume_grid)
-from pipelines.ct.train import (LARGE_SCALE, route_sentences, sample_text, simulate_measurements, text_batch,
-                                write_target)
+from pipelines.ct.train import (LARGE_SCALE, route_sentences, sample_text, simulate_measurements, simulate_seen,
+                                text_batch, unmeasured_seen, write_target)
 
 SHIPPED = (DEFAULT_CHECKPOINT / "model.safetensors").is_file()
 
 
-def test_volume_grid_clips_scales_and_averages():
+def test_volume_grid_clips_scales_averages_and_keeps_the_low_attenuation_share():
     hu = np.full((40, 128, 128), -1000, np.int16)
     hu[:, :64] = 3000  # anterior half far above the clip
     grid = volume_grid(hu)
-    assert tuple(grid.shape) == (1, *GRID)
-    assert float(grid.max()) == pytest.approx(1.0) and float(grid.min()) == pytest.approx(-1.0)
+    assert tuple(grid.shape) == (2, *GRID)
+    assert float(grid[0].max()) == pytest.approx(1.0) and float(grid[0].min()) == pytest.approx(-1.0)
     assert float(grid[0, :, :32].mean()) == pytest.approx(1.0) and float(grid[0, :, 32:].mean()) == pytest.approx(-1.0)
+    assert float(grid[1, :, :32].max()) == 0.0 and float(grid[1, :, 32:].min()) == pytest.approx(1.0)
     noisy = np.random.default_rng(0).normal(0, 100, (64, 256, 256)).astype(np.int16)
     # 100 HU white noise = 0.1 after scaling; 4 x 4 in-plane averaging (z unchanged) divides it by 4
-    assert float(volume_grid(noisy).std()) == pytest.approx(0.025, rel=0.05)
+    assert float(volume_grid(noisy)[0].std()) == pytest.approx(0.025, rel=0.05)
+    # emphysema-like lung: 20 % of voxels at -980 HU among -860 HU moves the mean by 24 HU but the share by 0.2
+    lung = np.full((64, 128, 128), -860, np.int16)
+    lung.reshape(-1)[np.random.default_rng(1).random(lung.size) < 0.2] = -980
+    g = volume_grid(lung)
+    assert float(g[0].mean()) * 1000 == pytest.approx(-884, abs=2) and float(g[1].mean()) == pytest.approx(0.2, abs=0.01)
     with pytest.raises(ReportModelError, match="3-D HU array"):
         volume_grid(np.zeros((4, 4)))
 
@@ -45,9 +51,10 @@ def test_prompt_lists_measurements_in_a_fixed_order_with_their_numbers():
     text = prompt_text(rows, "Chronic   cough.")
     assert text == ("measured: M1 nodule part-solid RUL 11x8 mm mean 10 mm | M3 calcified granuloma LLL 4 mm | "
                     "M2 pleural effusion left 412 mL | M4 emphysema LAA 14% | M5 cardiomegaly CTR 0.58\n"
-                    "indication: Chronic cough.\nreport:")
-    assert prompt_text([], None).startswith("measured: none\nindication: none")
-    assert prompt_text(None).startswith("measured: withheld")
+                    "seen: not assessed\nindication: Chronic cough.\nreport:")
+    assert prompt_text([], None, []).startswith("measured: none\nseen: none\nindication: none")
+    seen = [{"type": "pleural_effusion", "side": "left"}, {"type": "cardiomegaly", "side": None}]
+    assert prompt_text(None, None, seen).startswith("measured: withheld\nseen: pleural effusion left | cardiomegaly\n")
     assert describe_measurement({"type": "pericardial_effusion", "volume_ml": 250.0}) == "pericardial effusion 250 mL"
 
 
@@ -68,9 +75,10 @@ def test_simulated_measurements_keep_numbers_consistent_between_prompt_and_targe
              {"type": "cardiomegaly", "side": None, "lobe": None, "cardiothoracic_ratio": 0.61}]
     for seed in range(30):
         rng = np.random.default_rng(seed)
-        measured, target = simulate_measurements(truth, rng)
+        measured = simulate_measurements(truth, rng)
         assert [m["id"] for m in measured] == [f"M{i + 1}" for i in range(len(measured))]
-        text = write_target(target, rng, withheld=False)
+        seen = [{"type": "pleural_effusion", "side": "left"}, {"type": "cardiomegaly", "side": None}]
+        text = write_target(measured + unmeasured_seen(seen, measured), rng)
         labels = finding_labels(text)
         for m in measured:
             kind = m["type"]
@@ -78,21 +86,102 @@ def test_simulated_measurements_keep_numbers_consistent_between_prompt_and_targe
             if kind == "pleural_effusion":  # the target says the measured volume, not the true one
                 assert f"{m['volume_ml']:.0f} mL" in text
         assert labels["cardiomegaly"] and labels["pleural_effusion"]  # measured or seen, always reported
+        if not any(m["type"] == "pleural_effusion" for m in measured):  # seen only: in words, no volume
+            assert "mL" not in text.split("| pleura:")[1].split("|")[0]
 
 
-def test_withheld_targets_hold_only_large_scale_findings_without_numbers():
+def test_seen_findings_follow_the_truth_with_rare_misses_and_false_labels():
+    truth = [{"type": "pleural_effusion", "side": "right", "volume_ml": 300.0},
+             {"type": "consolidation", "side": "left", "lobe": "LLL", "volume_ml": 80.0},
+             {"type": "nodule", "side": "right", "lobe": "RUL", "diameter_mm": 8.0}]
+    rng = np.random.default_rng(0)
+    draws = [simulate_seen(truth, rng) for _ in range(400)]
+    exact = sum(d == [{"type": "pleural_effusion", "side": "right"}, {"type": "consolidation", "side": "left"}]
+                for d in draws)
+    assert 0.75 < exact / len(draws) < 0.95  # misses at 8% per label, a false label at 5%
+    assert all(f["type"] != "nodule" for d in draws for f in d)  # nodules are never "seen" on the coarse grid
+    # a seen finding that was measured is reported once, with its numbers; one nobody measured, in words
+    measured = [{"type": "pleural_effusion", "side": "right", "volume_ml": 310.0, "id": "M1"}]
+    left = unmeasured_seen([{"type": "pleural_effusion", "side": "right"}, {"type": "consolidation", "side": "left"}],
+                           measured)
+    assert left == [{"type": "consolidation", "side": "left", "lobe": None, "unmeasured": True}]
+    text = write_target(measured + left, rng)
+    assert "310 mL" in text and "left lung" in text
+
+
+def test_withheld_targets_hold_only_seen_findings_without_numbers():
     truth = [{"type": "nodule", "side": "right", "lobe": "RUL", "diameter_mm": 8.0, "long_axis_mm": 9.0,
               "short_axis_mm": 7.0, "composition": "solid"},
              {"type": "emphysema", "side": "bilateral", "lobe": None, "laa950_percent": 18.0,
               "predominance": "upper lobe"},
              {"type": "consolidation", "side": "left", "lobe": "LLL", "volume_ml": 80.0}]
-    text = write_target(truth, np.random.default_rng(3), withheld=True)
-    labels = finding_labels(text)
-    assert labels["emphysema"] and labels["consolidation"] and not labels["nodule"]
-    assert not any(ch.isdigit() for ch in text.replace("1.", "").replace("2.", "").replace("3.", ""))
+    for seed in range(20):
+        prompt, target, _, with_volume = sample_text({"findings": truth}, np.random.default_rng(seed),
+                                                     withheld_rate=1.0, indications=[])
+        assert prompt.startswith("measured: withheld")
+        labels = finding_labels(target)
+        assert not labels["nodule"]
+        assert not any(ch.isdigit() for ch in target.replace("1.", "").replace("2.", "").replace("3.", ""))
+        seen_line = prompt.split("\n")[1]
+        # the target reports exactly what the prompt says was seen
+        assert labels["emphysema"] == ("emphysema" in seen_line) and labels["consolidation"] == ("consolidation" in seen_line)
+        assert with_volume or seen_line == "seen: not assessed"
     assert set(LARGE_SCALE) == {"pleural_effusion", "consolidation", "cardiomegaly", "emphysema"}
-    prompt, _, _ = sample_text({"findings": truth}, np.random.default_rng(1), withheld_rate=1.0, indications=[])
-    assert prompt.startswith("measured: withheld")
+
+
+def test_finding_head_labels_thresholds_and_round_trip():
+    import torch
+
+    from pipelines.ct.finding_head import (SEEN_LABELS, VolumeFindingHead, best_thresholds, head_tensors,
+                                           labels_of, load_head, seen_findings)
+
+    truth = [{"type": "pleural_effusion", "side": "left"}, {"type": "cardiomegaly", "side": None},
+             {"type": "nodule", "side": "right"}]
+    assert labels_of(truth) == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert seen_findings([0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.6], [0.5] * 7) == [
+        {"type": "pleural_effusion", "side": "left"}, {"type": "cardiomegaly", "side": None}]
+    # label 0 separates at 0.4..0.6 (cut at the middle of the best plateau); label 1 never occurs: default cut
+    p = np.array([[0.9, 0.1], [0.7, 0.2], [0.3, 0.1], [0.2, 0.3]])
+    y = np.array([[1, 0], [1, 0], [0, 0], [0, 0]])
+    cuts, f1 = best_thresholds(p, y)
+    assert 0.3 < cuts[0] <= 0.7 and cuts[1] == 0.5 and f1 == [1.0, None]
+    # a label the head cannot tell apart on validation (best F1 2/3 < MIN_SEEN_F1) is switched off, and a label
+    # switched off is never seen
+    weak = np.array([[0.6, 0.1], [0.6, 0.2], [0.6, 0.1], [0.6, 0.3]])
+    cuts, f1 = best_thresholds(weak, y)
+    assert cuts[0] is None and f1[0] == pytest.approx(2 / 3, abs=1e-4)
+    assert seen_findings([0.99, 0.9, 0.0, 0.0, 0.0, 0.0, 0.6], [None] + [0.5] * 6) == [
+        {"type": "pleural_effusion", "side": "left"}, {"type": "cardiomegaly", "side": None}]
+    head = VolumeFindingHead(16, n_tokens=10)
+    tokens, mask = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 5:] = False
+    logits = head(tokens, mask)
+    assert logits.shape == (2, len(SEEN_LABELS))
+    # masked tokens do not count: changing them leaves the logits unchanged; a real token does change them
+    changed = tokens.clone()
+    changed[1, 5:] = 100.0
+    assert torch.allclose(head(changed, mask)[1], logits[1])
+    changed[1, 0] = 100.0
+    assert not torch.allclose(head(changed, mask)[1], logits[1])
+    loaded = load_head(head_tensors(head), 16)
+    assert torch.allclose(loaded(tokens, mask), logits)
+    with pytest.raises(ValueError, match="expected 10 volume tokens"):
+        head(torch.randn(1, 12, 16), torch.ones(1, 12, dtype=torch.bool))
+    assert load_head({}, 16) is None
+
+
+def test_real_studies_take_their_seen_findings_from_the_report_text():
+    from pipelines.ct.train import case_findings
+
+    target = ("lungs: Consolidation in the right lower lobe. No nodules. | pleura: Small bilateral pleural effusions. "
+              "| heart: Cardiomegaly. No pericardial effusion. | impression: Emphysema.")
+    found = {(f["type"], f["side"]) for f in case_findings({"target": target, "rows": []})}
+    assert found == {("consolidation", "right"), ("pleural_effusion", "right"), ("pleural_effusion", "left"),
+                     ("cardiomegaly", None), ("emphysema", None)}
+    prompt, out, _, with_volume = sample_text({"target": target, "rows": [], "indication": "Cough."},
+                                              np.random.default_rng(0), 0.0, [])
+    assert out == target and with_volume
+    assert prompt.split("\n")[1].startswith("seen: ") and "consolidation right" in prompt
 
 
 def test_text_batch_trains_on_the_target_only():
@@ -254,3 +343,33 @@ def test_template_cli_report_prints_a_readable_draft(study):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "CT report (draft, template)" in out.stdout and "Impression:" in out.stdout
+
+
+@pytest.mark.slow
+def test_recipe_trains_the_finding_head_then_the_writer_and_saves_both(tmp_path):
+    from pipelines.ct.finding_head import SEEN_LABELS
+
+    cache = tmp_path / "cache"
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "train", "ct-report", "--steps", "4", "--warmup-steps", "1",
+                          "--option", "phantoms=8", "--option", f"cache={cache}", "--option", "audio=0",
+                          "--option", "findings_steps=2", "--option", "eval_phantoms=2",
+                          "--option", "threshold_phantoms=3", "--option", "workers=1",
+                          "--out", str(tmp_path / "run"), "--no-progress", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    writer = ReportModel.load(tmp_path / "run")
+    assert writer.finding_head is not None and len(writer.thresholds) == len(SEEN_LABELS)
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert card["findings_steps"] == 2 and card["metrics"]["finding_head_validation_phantoms"] == 3
+    grid = volume_grid(np.full((16, 64, 64), -860, np.int16))
+    seen = writer.see([grid, None])
+    assert isinstance(seen[0], list) and seen[1] is None
+    assert all((f["type"], f["side"]) in SEEN_LABELS for f in seen[0])
+    draft = writer.write_one(grid, [], None)
+    assert draft.seen == seen[0] and isinstance(draft.text, str)
+    # the writer phase froze what the findings phase taught: continuing with findings_steps=0 needs a head
+    bad = subprocess.run([sys.executable, "-m", "apps.cli", "train", "ct-report", "--steps", "1",
+                          "--option", "phantoms=8", "--option", f"cache={cache}", "--option", "findings_steps=0",
+                          "--out", str(tmp_path / "run2"), "--no-progress"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "findings_steps=0" in bad.stderr
