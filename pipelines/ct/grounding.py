@@ -398,11 +398,7 @@ def ground(report: CTReport, size_policy: str = "check") -> Grounding:
                     flags.append(Flag(kind="size_mismatch", measurement_id=m.id,
                                       message=f"Size mismatch: {where} says {said:g} {unit} for {m.label()}; "
                                               f"measured {shown}."))
-    for section, changes in edits.items():
-        text = _section_text(report, section)
-        for a, b, new in sorted(set(changes), reverse=True):
-            text = text[:a] + new + text[b:]
-        _set_section_text(report, section, text)
+    _apply_edits(report, edits)
     return Grounding(flags=flags, mentions=mentions, matches=matches, corrections=corrections)
 
 
@@ -439,12 +435,17 @@ def _relocate(report: CTReport) -> list[Flag]:
         flags.append(Flag(kind="location_corrected", measurement_id=m.id,
                           message=f"Location corrected: {where} placed {m.label()} in the {_LOBE_NAME[x.lobe]}; "
                                   f"replaced with the measured {_LOBE_NAME[m.lobe]}."))
+    _apply_edits(report, edits)
+    return flags
+
+
+def _apply_edits(report: CTReport, edits: dict[str, list[tuple[int, int, str]]]) -> None:
+    """Replace (start, end) spans of each section's text, last first so earlier offsets stay valid."""
     for section, changes in edits.items():
         text = _section_text(report, section)
         for a, b, new in sorted(set(changes), reverse=True):
             text = text[:a] + new + text[b:]
         _set_section_text(report, section, text)
-    return flags
 
 
 def _section_text(report: CTReport, section: str) -> str:
