@@ -14,7 +14,6 @@ anterior and left), and the right and left effusions are separate labels.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
