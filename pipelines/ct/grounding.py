@@ -293,10 +293,14 @@ def _compatible(m: Measurement, x: Mention) -> float | None:
         if x.side != m.side:
             return None
         score += 1.0
-    if x.sizes_mm and m.diameter_mm:
-        score += 1.0 / (1.0 + min(abs(v - m.diameter_mm) for v, _, _ in x.sizes_mm))
+    if x.sizes_mm and m.diameter_mm:  # mean distance (mm) of the numbers said to the nearest measured dimension
+        dims = [v for v in (m.diameter_mm, m.long_axis_mm, m.short_axis_mm) if v is not None]
+        gap = sum(min(abs(v - d) for d in dims) for v, _, _ in x.sizes_mm) / len(x.sizes_mm)
+        score += 1.0 / (1.0 + gap)
     if x.volumes_ml and m.volume_ml:
         score += 1.0 / (1.0 + min(abs(v - m.volume_ml) for v, _, _ in x.volumes_ml) / max(m.volume_ml, 1.0))
+    if _sizes_agree(m, x):  # every number said fits this measurement ("9 x 6 mm" for 9 x 5, not for 7 x 4)
+        score += 1.0
     return score
 
 
@@ -408,9 +412,9 @@ def _sizes_agree(m: Measurement, x: Mention) -> bool:
 
 
 def _relocate(report: CTReport) -> list[Flag]:
-    """Rewrite the lobe of nodule mentions that match a measured nodule by their numbers alone: the measurement has
-    no mention in its own lobe, the mention's sizes all agree with it and with no measurement in the lobe it names,
-    and it is the only such measurement. One "location_corrected" flag per rewrite."""
+    """Rewrite the lobe of nodule mentions that match a measured nodule by their numbers alone: no mention in the
+    measurement's own lobe gives its numbers, the mention's sizes all agree with it and with no measurement in the
+    lobe it names, and it is the only such measurement. One "location_corrected" flag per rewrite."""
     positive = [x for x in label_report(report) if not x.negated and x.count == 1 and x.lobe and x.lobe_span
                 and x.type in ("nodule", "calcified_granuloma")]
     kinds = ("nodule", "calcified_granuloma")
@@ -421,7 +425,8 @@ def _relocate(report: CTReport) -> list[Flag]:
             continue  # the lobe it names holds a measurement of that size
         fits = [m for m in report.measurements if m.kind in kinds and m.kind == x.type and m.lobe and
                 m.lobe != x.lobe and (not x.ids or m.id in x.ids) and _sizes_agree(m, x) and
-                not any(y.lobe == m.lobe and _compatible(m, y) is not None for y in positive)]
+                not any(y.lobe == m.lobe and _compatible(m, y) is not None and _sizes_agree(m, y)
+                        for y in positive)]
         if len(fits) != 1:
             continue
         m = fits[0]

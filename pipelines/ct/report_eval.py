@@ -9,10 +9,11 @@ the narrative four ways:
 and a constant baseline that writes the most frequent large-scale findings of the phantom mix.
 Each text is labelled by the rule-based labeller (`pipelines.ct.grounding.finding_labels`) and compared with the
 labels of the phantom's reference report: per-finding precision / recall / F1 and their macro mean. Also: nodule
-location accuracy (side and lobe of each reference nodule >= 5 mm the report mentions with a size; and, to tell
-the writer's errors from the measurement's, the same for the measured nodule nearest each reference nodule), the
-finding head's own F1 per label (what the volume encoder put on the prompt's "seen:" line), grounding flag rates, size mismatches left unflagged, BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the reference text, and
-generation latency.
+location accuracy (side and lobe of each reference nodule >= 5 mm the report mentions with a size, paired one to one
+by size; and, to tell the writer's errors from the measurement's, the same for the measured nodule nearest each
+reference nodule), the finding head's own F1 per label (what the volume encoder put on the prompt's "seen:" line),
+grounding flag rates, size mismatches left unflagged, BLEU-4 (sacrebleu) and ROUGE-L (rouge-score) against the
+reference text, and generation latency.
 """
 
 from __future__ import annotations
@@ -84,19 +85,33 @@ def text_scores(hypotheses: list[str], references: list[str]) -> dict:
 
 def location_hits(text: str, truth: list[dict]) -> tuple[int, int]:
     """(correct, checked): reference nodules >= LOCATION_MIN_MM that a nodule mention refers to by size; correct
-    when the mention's lobe (or side, when no lobe is named) agrees."""
+    when the mention's lobe (or side, when no lobe is named) agrees.
+
+    A mention refers to a reference nodule when one of its sizes lies within LOCATION_SIZE_TOL of the reference's
+    diameter; references and mentions are paired one to one (a mention describes one nodule) at the least total
+    size error, a mention's error being the mean distance of all its sizes ("7 mm (8 x 7 mm)") from the diameter.
+    Location never enters the pairing, so a wrong lobe cannot make a mention refer elsewhere."""
+    from scipy.optimize import linear_sum_assignment
+
     from pipelines.ct.grounding import label_text
 
     mentions = [m for m in label_text(text) if m.type == "nodule" and not m.negated and m.sizes_mm]
-    checked = correct = 0
-    for f in truth:
-        if f["type"] != "nodule" or f["diameter_mm"] < LOCATION_MIN_MM:
-            continue
+    refs = [f for f in truth if f["type"] == "nodule" and f["diameter_mm"] >= LOCATION_MIN_MM]
+    if not mentions or not refs:
+        return 0, 0
+    far = 1e6  # cost of a pair that does not refer (no size within tolerance)
+    cost = np.full((len(refs), len(mentions)), far)
+    for i, f in enumerate(refs):
         d = f["diameter_mm"]
-        near = [m for m in mentions if min(abs(v - d) for v, _, _ in m.sizes_mm) <= LOCATION_SIZE_TOL * d]
-        if not near:
+        for j, m in enumerate(mentions):
+            errors = [abs(v - d) for v, _, _ in m.sizes_mm]
+            if min(errors) <= LOCATION_SIZE_TOL * d:
+                cost[i, j] = float(np.mean(errors))
+    checked = correct = 0
+    for i, j in zip(*linear_sum_assignment(cost)):
+        if cost[i, j] >= far:
             continue
-        best = min(near, key=lambda m: min(abs(v - d) for v, _, _ in m.sizes_mm))
+        f, best = refs[i], mentions[j]
         checked += 1
         if best.lobe:
             correct += best.lobe == f.get("lobe")

@@ -74,6 +74,35 @@ def test_replace_policy_moves_a_nodule_to_its_measured_lobe_only_when_the_number
     assert not [f for f in report.flags if f.kind == "location_corrected"]
 
 
+def test_a_nodule_is_moved_to_a_lobe_whose_other_nodule_is_already_described():
+    """Another mention in the measured lobe (of a different size) does not stop the move: it describes the other
+    nodule there, not this one."""
+    measured = MEASURED + [{"type": "nodule", "side": "left", "lobe": "LLL", "diameter_mm": 12.0,
+                            "long_axis_mm": 13.0, "short_axis_mm": 11.0, "composition": "solid"}]
+    narrative = (Findings(lungs_airways="A 12 mm nodule in the left lower lobe. A 7 mm nodule in the RUL. "
+                                        "A 5 mm nodule in the right upper lobe."), "1. 12 mm nodule.")
+    report = build_report(measured, narrative=narrative, size_policy="replace")
+    assert report.findings.lungs_airways.endswith("A 5 mm nodule in the left lower lobe.")
+    moved = [f for f in report.flags if f.kind == "location_corrected"]
+    assert len(moved) == 1 and "5 mm solid nodule, left lower lobe" in moved[0].message
+    assert "placed" in moved[0].message and "in the right upper lobe; replaced with the measured left lower lobe" \
+        in moved[0].message
+    assert not [f for f in report.flags if f.kind in ("not_confirmed", "measured_not_mentioned")]
+
+
+def test_two_nodules_in_one_lobe_are_told_apart_by_all_their_numbers():
+    measured = [{"type": "nodule", "side": "right", "lobe": "RUL", "diameter_mm": 7.0, "long_axis_mm": 9.0,
+                 "short_axis_mm": 5.0, "composition": "solid"},
+                {"type": "nodule", "side": "right", "lobe": "RUL", "diameter_mm": 5.5, "long_axis_mm": 7.0,
+                 "short_axis_mm": 4.0, "composition": "ground-glass"}]
+    text = ("There is a solid nodule in the right upper lobe, 9 x 6 mm. "
+            "A ground-glass nodule in the right upper lobe, 7 x 4 mm.")
+    report = build_report(measured, narrative=(Findings(lungs_airways=text), "1. Two nodules."),
+                          size_policy="replace")
+    assert report.findings.lungs_airways == text  # each sentence fits its own nodule: nothing to rewrite
+    assert report.flags == []
+
+
 def test_grounding_replaces_its_own_flags_but_keeps_warnings():
     report = planted()
     report.flags.append(report.flags[0].model_copy(update={"kind": "voice_note", "message": "note unreadable"}))
