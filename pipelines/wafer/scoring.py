@@ -435,6 +435,8 @@ class WaferScorer:
         else:
             self.net = WaferNet(core, self.classes, anomaly_features=meta.get("anomaly_features", "core"))
         self.net = self.net.to(self.device).eval()
+        # NHWC convolutions run ~2x faster than NCHW for these small maps on CPU (oneDNN); same numbers.
+        self.net.core.encoders["image"].to(memory_format=torch.channels_last)
         t = core.extra_tensors
         self.net.head.load_state_dict({"weight": t["wafer.head.weight"], "bias": t["wafer.head.bias"]})
         self.temperature = t["wafer.temperature"].float().to(self.device)
@@ -457,7 +459,8 @@ class WaferScorer:
     @torch.inference_mode()
     def score_inputs(self, x: np.ndarray) -> Scores:
         """x (B, 3, S, S) float model input -> Scores."""
-        logits, emb, feats = self.net.forward_all(torch.as_tensor(x, dtype=torch.float32, device=self.device))
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.device).contiguous(memory_format=torch.channels_last)
+        logits, emb, feats = self.net.forward_all(x)
         probs = torch.sigmoid(logits / self.temperature).cpu().numpy()
         extra = None if self.extra_head is None else torch.sigmoid(self.extra_head(emb)).cpu().numpy()
         return Scores(self.classes, probs[:, :-1], probs[:, -1], self.anomaly.score(feats.cpu()).numpy(),
