@@ -18,6 +18,7 @@ reference text, and generation latency.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
@@ -29,6 +30,7 @@ HELD_OUT_SEED_BASE = 960_000
 LARGE_SCALE = ("pleural_effusion", "consolidation", "cardiomegaly", "emphysema")
 LOCATION_MIN_MM = 5.0  # reference nodules at least this size count for location accuracy
 LOCATION_SIZE_TOL = 0.35  # a mention's size within this share of a reference nodule's size refers to it
+COMPOSITION_MISMATCH_MM = 0.5  # pairing cost (mm of size error) of a mention naming another composition
 
 
 def _labels(text: str) -> dict[str, bool]:
@@ -83,41 +85,63 @@ def text_scores(hypotheses: list[str], references: list[str]) -> dict:
     return {"bleu4": round(bleu, 4), "rougeL": round(float(np.mean(rouge)) if rouge else 0.0, 4)}
 
 
-def location_hits(text: str, truth: list[dict]) -> tuple[int, int]:
-    """(correct, checked): reference nodules >= LOCATION_MIN_MM that a nodule mention refers to by size; correct
-    when the mention's lobe (or side, when no lobe is named) agrees.
+def _composition(sentence: str) -> str | None:
+    """The nodule composition a sentence names (the phantoms' vocabulary), or None."""
+    low = sentence.lower()
+    if re.search(r"part[- ]solid", low):
+        return "part-solid"
+    if re.search(r"ground[- ]glass", low):
+        return "ground-glass"
+    return "solid" if re.search(r"\bsolid\b", low) else None
 
-    A mention refers to a reference nodule when one of its sizes lies within LOCATION_SIZE_TOL of the reference's
-    diameter; references and mentions are paired one to one (a mention describes one nodule) at the least total
-    size error, a mention's error being the mean distance of all its sizes ("7 mm (8 x 7 mm)") from the diameter.
-    Location never enters the pairing, so a wrong lobe cannot make a mention refer elsewhere."""
+
+def _pair_by_size(refs: list[dict], mentions: list) -> list[tuple[int, int]]:
+    """(reference index, mention index) pairs, one to one, at the least total cost: a mention's cost for a reference
+    is the mean distance (mm) of all its sizes ("7 mm (8 x 7 mm)") from the reference's diameter, plus
+    COMPOSITION_MISMATCH_MM when it names another composition; a mention none of whose sizes lies within
+    LOCATION_SIZE_TOL of the diameter does not refer to it. Location never enters the pairing."""
     from scipy.optimize import linear_sum_assignment
 
-    from pipelines.ct.grounding import label_text
-
-    mentions = [m for m in label_text(text) if m.type == "nodule" and not m.negated and m.sizes_mm]
-    refs = [f for f in truth if f["type"] == "nodule" and f["diameter_mm"] >= LOCATION_MIN_MM]
-    if not mentions or not refs:
-        return 0, 0
-    far = 1e6  # cost of a pair that does not refer (no size within tolerance)
+    if not refs or not mentions:
+        return []
+    far = 1e6
     cost = np.full((len(refs), len(mentions)), far)
     for i, f in enumerate(refs):
         d = f["diameter_mm"]
         for j, m in enumerate(mentions):
             errors = [abs(v - d) for v, _, _ in m.sizes_mm]
             if min(errors) <= LOCATION_SIZE_TOL * d:
-                cost[i, j] = float(np.mean(errors))
-    checked = correct = 0
-    for i, j in zip(*linear_sum_assignment(cost)):
-        if cost[i, j] >= far:
-            continue
-        f, best = refs[i], mentions[j]
-        checked += 1
-        if best.lobe:
-            correct += best.lobe == f.get("lobe")
-        else:
-            correct += best.side == f.get("side")
-    return correct, checked
+                said = _composition(m.sentence)
+                cost[i, j] = float(np.mean(errors)) + (
+                    COMPOSITION_MISMATCH_MM if said and f.get("composition") and said != f["composition"] else 0.0)
+    return [(int(i), int(j)) for i, j in zip(*linear_sum_assignment(cost)) if cost[i, j] < far]
+
+
+def location_hits(findings_text: str, impression: str, truth: list[dict]) -> tuple[int, int]:
+    """(correct, checked): reference nodules >= LOCATION_MIN_MM that a nodule mention refers to by size; correct
+    when the mention's lobe (or side, when no lobe is named) agrees.
+
+    Nodules are described in the Findings, so references pair with Findings mentions first (`_pair_by_size`); a
+    reference left unpaired may pair with an Impression mention, unless that mention restates a paired Findings
+    mention (same lobe and a size within 1 mm): a restated nodule is not a mention of another one."""
+    from pipelines.ct.grounding import label_text
+
+    def nodules(text):
+        return [m for m in label_text(text) if m.type == "nodule" and not m.negated and m.sizes_mm]
+
+    refs = [f for f in truth if f["type"] == "nodule" and f["diameter_mm"] >= LOCATION_MIN_MM]
+    described = nodules(findings_text)
+    pairs = [(refs[i], described[j]) for i, j in _pair_by_size(refs, described)]
+    paired = {id(f) for f, _ in pairs}
+    said = [x for _, x in pairs]
+    def restates(m, x) -> bool:
+        return m.lobe == x.lobe and any(abs(v - w) <= 1.0 for v, _, _ in m.sizes_mm for w, _, _ in x.sizes_mm)
+
+    fresh = [m for m in nodules(impression) if not any(restates(m, x) for x in said)]
+    left = [f for f in refs if id(f) not in paired]
+    pairs += [(left[i], fresh[j]) for i, j in _pair_by_size(left, fresh)]
+    correct = sum((m.lobe == f.get("lobe")) if m.lobe else (m.side == f.get("side")) for f, m in pairs)
+    return correct, len(pairs)
 
 
 def measured_location_hits(found: list, truth: list[dict]) -> tuple[int, int]:
@@ -235,7 +259,8 @@ def evaluate(checkpoint: str, n: int = 100, size: int = 256, slices: int = 96, t
         rows["no_volume"].append((_labels(narrative_text(no_volume.findings, no_volume.impression)), ref_labels))
         rows["template"].append((_labels(narrative_text(template_findings, template_impression)), ref_labels))
         rows["baseline"].append((baseline, ref_labels))
-        hit, checked = location_hits(text, phantom.ground_truth["findings"])
+        hit, checked = location_hits(narrative_text(report.findings, ""), report.impression,
+                                     phantom.ground_truth["findings"])
         location[0] += hit
         location[1] += checked
         hit, checked = measured_location_hits(found.findings, phantom.ground_truth["findings"])
