@@ -86,6 +86,7 @@ HEART_OPENING_MM = 6.0  # opening radius that detaches the heart from vessels an
 MIN_HEART_ML = 100.0  # smallest soft-tissue body taken for the heart
 CARDIOMEGALY_CTR = 0.5  # cardiothoracic ratio above which the heart is reported as enlarged
 RIM_VOXELS = 2
+FRAME_MIN_SLICE_SHARE = 0.02  # of a lung's largest cross-section, for a slice to count in its lobe frame
 
 
 @dataclass
@@ -629,10 +630,14 @@ def _measure_nodule(blob_in_obj, obj, D, raw, lung, spacing, offset, signs, lung
 
 
 def _lung_frame(mask: np.ndarray):
-    if not mask.any():
+    """(y0, y1, z0, z1) of a lung, the frame `anatomy.lobe_of` places lobes in. Slices holding less than
+    FRAME_MIN_SLICE_SHARE of the lung's largest cross-section are left out: above the apex the trachea's partial-volume
+    rim (air, but not below AIRWAY_HU) is still counted as lung, and would raise the frame's top by centimetres."""
+    area = mask.sum(axis=(1, 2))
+    if not area.any():
         return None
-    zz = np.nonzero(mask.any(axis=(1, 2)))[0]
-    yy = np.nonzero(mask.any(axis=(0, 2)))[0]
+    zz = np.nonzero(area >= FRAME_MIN_SLICE_SHARE * area.max())[0]
+    yy = np.nonzero(mask[zz.min(): zz.max() + 1].any(axis=(0, 2)))[0]
     return int(yy.min()), int(yy.max()), int(zz.min()), int(zz.max())
 
 

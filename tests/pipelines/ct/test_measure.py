@@ -204,3 +204,13 @@ def test_fill_slices_matches_binary_fill_holes_per_slice():
     ring[1, 4, 4] = False  # a hole in the middle slice only: filled there, and nothing leaks into the others
     out = _fill_slices(ring)
     assert out[1, 4, 4] and out.sum() == 25
+
+
+def test_lobe_frame_leaves_out_the_trachea_rim_above_the_apex():
+    from pipelines.ct.measure import _lung_frame
+
+    lung = np.zeros((40, 60, 60), dtype=bool)
+    lung[2:30, 10:50, 5:28] = True  # the lung: slices 2-29, rows 10-49
+    lung[30:40, 28:32, 27:29] = True  # 8-voxel partial-volume ring of the trachea up to the top slice
+    assert _lung_frame(lung) == (10, 49, 2, 29)
+    assert _lung_frame(np.zeros_like(lung)) is None
