@@ -86,7 +86,7 @@ HEART_OPENING_MM = 6.0  # opening radius that detaches the heart from vessels an
 MIN_HEART_ML = 100.0  # smallest soft-tissue body taken for the heart
 CARDIOMEGALY_CTR = 0.5  # cardiothoracic ratio above which the heart is reported as enlarged
 RIM_VOXELS = 2
-FRAME_MIN_SLICE_SHARE = 0.02  # of a lung's largest cross-section, for a slice to count in its lobe frame
+FRAME_MIDLINE_MM = 15.0  # half-width of the midline strip (trachea) left out of the lungs' lobe frames
 
 
 @dataclass
@@ -629,15 +629,17 @@ def _measure_nodule(blob_in_obj, obj, D, raw, lung, spacing, offset, signs, lung
                    center_voxel=[int(round(c)) for c in centre_abs], bbox_zyx=[int(v) for v in (*lo, *hi)])
 
 
-def _lung_frame(mask: np.ndarray):
-    """(y0, y1, z0, z1) of a lung, the frame `anatomy.lobe_of` places lobes in. Slices holding less than
-    FRAME_MIN_SLICE_SHARE of the lung's largest cross-section are left out: above the apex the trachea's partial-volume
-    rim (air, but not below AIRWAY_HU) is still counted as lung, and would raise the frame's top by centimetres."""
-    area = mask.sum(axis=(1, 2))
-    if not area.any():
+def _lung_frame(mask: np.ndarray, mid: int, px_x_mm: float):
+    """(y0, y1, z0, z1) of a lung, the frame `anatomy.lobe_of` places lobes in, from its voxels at least
+    FRAME_MIDLINE_MM from the body midline (column `mid`): above the apex the trachea's partial-volume rim (air, but
+    not below AIRWAY_HU) is still counted as lung, and would raise the frame's top by centimetres."""
+    lateral = mask.copy()
+    half = int(np.ceil(FRAME_MIDLINE_MM / px_x_mm))
+    lateral[:, :, max(mid - half, 0): mid + half + 1] = False
+    if not lateral.any():
         return None
-    zz = np.nonzero(area >= FRAME_MIN_SLICE_SHARE * area.max())[0]
-    yy = np.nonzero(mask[zz.min(): zz.max() + 1].any(axis=(0, 2)))[0]
+    zz = np.nonzero(lateral.any(axis=(1, 2)))[0]
+    yy = np.nonzero(lateral.any(axis=(0, 2)))[0]
     return int(yy.min()), int(yy.max()), int(zz.min()), int(zz.max())
 
 
@@ -1041,7 +1043,7 @@ def measure(volume: Volume) -> Findings:
     laa = 100.0 * float(low[lungs1].sum()) / lungs_n if n_lung else 0.0
     lung_volume_ml = {"right": n_voxels(right1) * voxel_ml, "left": n_voxels(left1) * voxel_ml}
     del low, inside
-    frames = {"right": _lung_frame(right1), "left": _lung_frame(left1)}
+    frames = {"right": _lung_frame(right1, mid1, sp1[2]), "left": _lung_frame(left1, mid1, sp1[2])}
     findings: list[Finding] = []
     if n_lung:
         sl = _bbox(lungs1, margin=(2, 4, 4))

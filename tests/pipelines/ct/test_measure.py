@@ -209,8 +209,9 @@ def test_fill_slices_matches_binary_fill_holes_per_slice():
 def test_lobe_frame_leaves_out_the_trachea_rim_above_the_apex():
     from pipelines.ct.measure import _lung_frame
 
-    lung = np.zeros((40, 60, 60), dtype=bool)
-    lung[2:30, 10:50, 5:28] = True  # the lung: slices 2-29, rows 10-49
-    lung[30:40, 28:32, 27:29] = True  # 8-voxel partial-volume ring of the trachea up to the top slice
-    assert _lung_frame(lung) == (10, 49, 2, 29)
-    assert _lung_frame(np.zeros_like(lung)) is None
+    lung = np.zeros((40, 60, 60), dtype=bool)  # 1 mm voxels, body midline at column 30
+    lung[2:30, 10:50, 2:14] = True  # the right lung: slices 2-29, rows 10-49, more than 15 mm from the midline
+    lung[2:4, 40:50, 2:5] = False  # a tapering base still counts: its lateral voxels are lung
+    lung[30:40, 28:32, 26:30] = True  # partial-volume rim of the trachea, up to the top slice
+    assert _lung_frame(lung, 30, 1.0) == (10, 49, 2, 29)
+    assert _lung_frame(np.zeros_like(lung), 30, 1.0) is None
