@@ -4,13 +4,15 @@ timm resnet18 classifier on the same tensors, and the Ray engine against the loc
 maps_per_s               local engine, files read -> model -> results.jsonl written (the store write is measured
                          separately as maps_per_s_with_store: the same run plus SQLite bulk score rows)
 ratio_vs_resnet18        our model (encoder + bridge + MoE core + heads + anomaly score) / bare resnet18 (9 classes),
-                         maps per second on the same (B, 3, 32, 32) tensors and batch size
+                         maps per second on the same (B, 3, 32, 32) tensors and batch size; our scorer runs its
+                         encoder channels-last, so ratio_vs_resnet18_channels_last also gives resnet18 that layout
 ray_vs_local_time_ratio  Ray Data engine (2 scorer actors, 1 thread each, local Ray already running) / local time
 peak_rss_mb              peak resident memory increase during the local run
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -67,12 +69,15 @@ def run(args) -> dict:
         grids = [w.grid for w, _ in zip(iter_wafers([maps]), range(args.batch_size))]
         x = torch.as_tensor(batch_input(grids, scorer.size))
         resnet = timm.create_model("resnet18", num_classes=9, in_chans=3).eval()
+        resnet_nhwc = copy.deepcopy(resnet).to(memory_format=torch.channels_last)
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            times = time_interleaved({"ours": lambda: scorer.score_inputs(x), "resnet18": lambda: resnet(x)},
-                                     repeats=7, warmup=2)
+            times = time_interleaved({"ours": lambda: scorer.score_inputs(x), "resnet18": lambda: resnet(x),
+                                      "resnet18_nhwc": lambda: resnet_nhwc(x_nhwc)}, repeats=7, warmup=2)
         metrics["model_maps_per_s"] = round(args.batch_size / times["ours"], 1)
         metrics["resnet18_maps_per_s"] = round(args.batch_size / times["resnet18"], 1)
         metrics["ratio_vs_resnet18"] = round(times["resnet18"] / times["ours"], 3)
+        metrics["ratio_vs_resnet18_channels_last"] = round(times["resnet18_nhwc"] / times["ours"], 3)
 
         # End to end: read files, score, write JSON lines.
         with PeakRSS() as rss:
