@@ -414,7 +414,8 @@ def _sizes_agree(m: Measurement, x: Mention) -> bool:
 def _relocate(report: CTReport) -> list[Flag]:
     """Rewrite the lobe of nodule mentions that match a measured nodule by their numbers alone: no mention in the
     measurement's own lobe gives its numbers, the mention's sizes all agree with it and with no measurement in the
-    lobe it names, and it is the only such measurement. One "location_corrected" flag per rewrite."""
+    lobe it names, it is the only such measurement, and a nodule measured in the lobe it names keeps another mention
+    there. One "location_corrected" flag per rewrite."""
     positive = [x for x in label_report(report) if not x.negated and x.count == 1 and x.lobe and x.lobe_span
                 and x.type in ("nodule", "calcified_granuloma")]
     kinds = ("nodule", "calcified_granuloma")
@@ -430,6 +431,9 @@ def _relocate(report: CTReport) -> list[Flag]:
         if len(fits) != 1:
             continue
         m = fits[0]
+        if any(n.kind == x.type and n.lobe == x.lobe for n in report.measurements) and not any(
+                y is not x and y.type == x.type and y.lobe == x.lobe and not _sizes_agree(m, y) for y in positive):
+            continue  # moving it (and its restatements) would leave the nodule measured in its lobe unmentioned
         a, b = x.lobe_span
         said = _section_text(report, x.section)[a:b]
         new = m.lobe if said.isupper() else _LOBE_NAME[m.lobe]

@@ -90,6 +90,20 @@ def test_a_nodule_is_moved_to_a_lobe_whose_other_nodule_is_already_described():
     assert not [f for f in report.flags if f.kind in ("not_confirmed", "measured_not_mentioned")]
 
 
+def test_swapped_numbers_are_not_moved_when_a_measured_nodule_would_lose_its_only_mention():
+    measured = [{"type": "nodule", "side": "left", "lobe": "LLL", "diameter_mm": 27.8, "long_axis_mm": 30.7,
+                 "short_axis_mm": 24.9, "composition": "part-solid"},
+                {"type": "nodule", "side": "right", "lobe": "RLL", "diameter_mm": 13.1, "long_axis_mm": 16.1,
+                 "short_axis_mm": 10.2, "composition": "part-solid"}]
+    narrative = (Findings(lungs_airways="Part-solid nodule in the left lower lobe measuring 13 x 13 mm. "
+                                        "A 29 mm nodule is present in the right lower lobe (29 x 25 mm)."),
+                 "1. 13 mm part-solid nodule in the left lower lobe.")
+    report = build_report(measured, narrative=narrative, size_policy="replace")
+    assert not [f for f in report.flags if f.kind == "location_corrected"]
+    assert not [f for f in report.flags if f.kind == "measured_not_mentioned"]
+    assert "left lower lobe" in report.findings.lungs_airways and "right lower lobe" in report.findings.lungs_airways
+
+
 def test_two_nodules_in_one_lobe_are_told_apart_by_all_their_numbers():
     measured = [{"type": "nodule", "side": "right", "lobe": "RUL", "diameter_mm": 7.0, "long_axis_mm": 9.0,
                  "short_axis_mm": 5.0, "composition": "solid"},
