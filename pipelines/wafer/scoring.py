@@ -435,7 +435,8 @@ class WaferScorer:
         else:
             self.net = WaferNet(core, self.classes, anomaly_features=meta.get("anomaly_features", "core"))
         self.net = self.net.to(self.device).eval()
-        # NHWC convolutions run ~2x faster than NCHW for these small maps on CPU (oneDNN); same numbers.
+        # NHWC convolutions are faster than NCHW for these small maps on CPU (oneDNN): the encoder ~2x at one thread,
+        # the whole model 1.4x at two (1,300 vs 904 maps/s); the same numbers either way.
         self.net.core.encoders["image"].to(memory_format=torch.channels_last)
         t = core.extra_tensors
         self.net.head.load_state_dict({"weight": t["wafer.head.weight"], "bias": t["wafer.head.bias"]})
