@@ -633,13 +633,13 @@ def _lung_frame(mask: np.ndarray, mid: int, px_x_mm: float):
     """(y0, y1, z0, z1) of a lung, the frame `anatomy.lobe_of` places lobes in, from its voxels at least
     FRAME_MIDLINE_MM from the body midline (column `mid`): above the apex the trachea's partial-volume rim (air, but
     not below AIRWAY_HU) is still counted as lung, and would raise the frame's top by centimetres."""
-    lateral = mask.copy()
     half = int(np.ceil(FRAME_MIDLINE_MM / px_x_mm))
-    lateral[:, :, max(mid - half, 0): mid + half + 1] = False
-    if not lateral.any():
+    sides = (mask[:, :, :max(mid - half, 0)], mask[:, :, mid + half + 1:])  # views: no copy of the mask
+    in_z = np.logical_or.reduce([m.any(axis=(1, 2)) for m in sides])
+    if not in_z.any():
         return None
-    zz = np.nonzero(lateral.any(axis=(1, 2)))[0]
-    yy = np.nonzero(lateral.any(axis=(0, 2)))[0]
+    in_y = np.logical_or.reduce([m.any(axis=(0, 2)) for m in sides])
+    zz, yy = np.nonzero(in_z)[0], np.nonzero(in_y)[0]
     return int(yy.min()), int(yy.max()), int(zz.min()), int(zz.max())
 
 
